@@ -1,0 +1,151 @@
+"""``python -m trio_gateway [--dev] [--host H] [--port P] …`` — see ``--help``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+import trio
+from pydantic import ValidationError
+
+from . import __version__
+from .config import Settings
+from .providers.registry import RegistryError
+from .server import run_server
+from .signing.nitriding import NitridingError
+from .state import AppState
+
+LOG_FORMAT = "%(asctime)s.%(msecs)03d [%(levelname)s] %(name)s: %(message)s"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m trio_gateway",
+        description="Verifiable LLM gateway: OpenAI API in, RSA-PSS-signed answers out. "
+        "Every flag can also be set by environment variable (TRIO_GATEWAY_<NAME>, "
+        "deadlines as TRIO_GATEWAY_DEADLINES__<NAME>); provider base URLs use the SDK names "
+        "(OPENAI_BASE_URL, ...).",
+    )
+    p.add_argument("--version", action="version", version=f"trio_gateway {__version__}")
+    p.add_argument(
+        "--dev",
+        action="store_true",
+        default=None,
+        help="dev mode: embedded mock model 'trio-mock', fresh key, OPENAI_API_KEY from the "
+        "environment allowed, no nitriding. Not for production.",
+    )
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to listen on (default 8000; 0 = any free)")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR (default INFO)")
+    p.add_argument("--max-body-bytes", type=int, help="request body cap, 413 above (20 MiB)")
+    p.add_argument(
+        "--max-upstream-connections", type=int, help="upstream connection pool size (1024)"
+    )
+    p.add_argument(
+        "--no-nitriding",
+        dest="nitriding",
+        action="store_false",
+        default=None,
+        help="do not register the key with nitriding (production outside an enclave)",
+    )
+    p.add_argument("--nitriding-url", help="nitriding internal API (http://127.0.0.1:8080)")
+    p.add_argument(
+        "--mock-token-delay-ms", type=float, help="dev mock: delay between tokens (20 ms)"
+    )
+    g = p.add_argument_group("deadlines (seconds)")
+    for name, default in (
+        ("connect", 10),
+        ("first-byte", 120),
+        ("idle", 120),
+        ("total", 900),
+        ("client-stall", 30),
+        ("keepalive", 15),
+        ("sign", 2),
+        ("settle", 10),
+        ("pool", 5),
+    ):
+        g.add_argument(f"--{name}-timeout", type=float, metavar="S", help=f"default {default}")
+    return p.parse_args(argv)
+
+
+def settings_from_args(ns: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    for field in (
+        "dev",
+        "host",
+        "port",
+        "log_level",
+        "max_body_bytes",
+        "max_upstream_connections",
+        "nitriding",
+        "nitriding_url",
+        "mock_token_delay_ms",
+    ):
+        value = getattr(ns, field)
+        if value is not None:
+            overrides[field] = value
+    deadlines: dict[str, float] = {}
+    for name in (
+        "connect",
+        "first_byte",
+        "idle",
+        "total",
+        "client_stall",
+        "keepalive",
+        "sign",
+        "settle",
+        "pool",
+    ):
+        value = getattr(ns, f"{name}_timeout")
+        if value is not None:
+            deadlines[name] = value
+    if deadlines:
+        base = Settings().deadlines.model_dump()
+        base.update(deadlines)
+        overrides["deadlines"] = base
+    return Settings(**overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parse_args(argv)
+    try:
+        settings = settings_from_args(ns)
+    except ValidationError as exc:
+        print("trio_gateway: invalid settings:", file=sys.stderr)
+        for err in exc.errors(include_url=False):
+            loc = ".".join(str(p) for p in err["loc"]) or "settings"
+            print(f"  {loc}: {err['msg']}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format=LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S"
+    )
+    log = logging.getLogger("trio_gateway")
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if settings.env_keys_ignored:
+        log.warning("OPENAI_API_KEY in the environment is ignored outside --dev: use POST /v1/keys")
+    try:
+        state = AppState.build(settings)
+    except RegistryError as exc:
+        print(f"trio_gateway: model table: {exc}", file=sys.stderr)
+        return 2
+    if settings.dev:
+        log.warning(
+            "DEV MODE: embedded mock model 'trio-mock', throwaway key, no payments, "
+            "no attestation. NOT FOR PRODUCTION."
+        )
+    log.info("tee_id %s", state.key.tee_id)
+    try:
+        trio.run(run_server, state)
+    except NitridingError as exc:
+        log.error("%s", exc)
+        return 3
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

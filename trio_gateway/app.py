@@ -1,0 +1,88 @@
+"""The Quart-Trio application: routes, error shape, OpenAPI, lifespan.
+
+Quart's ``RESPONSE_TIMEOUT`` is off (it would silently cut streams at 60 s); the relay enforces
+its own deadlines. Background services run in the app-owned nursery quart-trio opens for the
+lifespan (``app.nursery``); each catches its own errors, because a task that raises there takes
+the whole app down. Per-request work never goes there: it belongs to the request's nursery.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from quart import Response
+from quart_schema import Info, QuartSchema
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from . import __version__
+from .api.errors import GatewayError, error_body
+from .relay.asgi import RelayHTTPConnection
+from .routes import inference, keys, meta
+from .state import AppState
+
+log = logging.getLogger("trio_gateway.app")
+
+_HTTP_CODES = {
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    408: ("invalid_request_error", "request_timeout"),
+    413: ("invalid_request_error", "request_too_large"),
+    415: ("invalid_request_error", "unsupported_media_type"),
+}
+
+
+def _json(body: dict[str, Any], status: int) -> Response:
+    from .api.render import json_bytes
+
+    return Response(json_bytes(body), status=status, content_type="application/json")
+
+
+def create_app(state: AppState) -> QuartTrio:
+    app = QuartTrio(__name__)
+    app.asgi_http_class = RelayHTTPConnection  # type: ignore[assignment]
+    app.config["RESPONSE_TIMEOUT"] = None
+    app.config["MAX_CONTENT_LENGTH"] = state.settings.max_body_bytes
+    app.config["BODY_TIMEOUT"] = 60
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
+    app.extensions["trio_gateway"] = state
+
+    QuartSchema(
+        app,
+        info=Info(title="trio_gateway", version=__version__),
+        redoc_ui_path=None,
+        scalar_ui_path=None,
+    )
+    app.register_blueprint(meta.bp)
+    app.register_blueprint(inference.bp)
+    app.register_blueprint(keys.bp)
+
+    @app.errorhandler(GatewayError)
+    async def _gateway_error(err: GatewayError) -> Response:
+        return _json(err.body(), err.status)
+
+    @app.errorhandler(HTTPException)
+    async def _http_error(err: HTTPException) -> Response:
+        status = err.code or 500
+        type_, code = _HTTP_CODES.get(status, ("invalid_request_error", None))
+        msg = {
+            404: "Unknown request URL. Please check the URL and method.",
+            405: "Method not allowed for this URL.",
+            413: f"Request body too large (limit {state.settings.max_body_bytes} bytes).",
+        }.get(status, err.description or err.name)
+        resp = _json(error_body(status, msg, type_, code), status)
+        if status == 405 and getattr(err, "valid_methods", None):
+            resp.headers["Allow"] = ", ".join(err.valid_methods)  # type: ignore[attr-defined]
+        return resp
+
+    @app.errorhandler(Exception)
+    async def _unexpected(err: Exception) -> Response:
+        log.error("unhandled %s", type(err).__name__)  # never the message: it may carry content
+        return _json(error_body(500, "internal gateway error", "server_error"), 500)
+
+    @app.after_serving
+    async def _close_client() -> None:
+        await state.client.aclose()
+
+    return app

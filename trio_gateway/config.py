@@ -1,0 +1,72 @@
+"""Settings, validated once at start-up (pydantic-settings).
+
+Every field can be set by CLI flag (see ``python -m trio_gateway --help``) or environment variable.
+Gateway settings use the ``TRIO_GATEWAY_`` prefix; provider base URLs and (dev-mode) keys use the
+names the official SDKs use (``OPENAI_BASE_URL``, ``OPENAI_API_KEY``, ``ANTHROPIC_BASE_URL``, …),
+so the gateway can be pointed at a mock provider the same way an SDK can.
+"""
+
+from __future__ import annotations
+
+from typing import Self
+
+from pydantic import AliasChoices, BaseModel, Field, HttpUrl, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Deadlines(BaseModel):
+    """Every wait in the relay has one of these; all in seconds."""
+
+    connect: float = Field(10.0, gt=0, description="TCP+TLS connect to the provider")
+    first_byte: float = Field(120.0, gt=0, description="request sent → first upstream event")
+    idle: float = Field(120.0, gt=0, description="gap between two upstream events")
+    total: float = Field(900.0, gt=0, description="whole upstream call")
+    client_stall: float = Field(30.0, gt=0, description="client not accepting bytes")
+    keepalive: float = Field(15.0, gt=0, description="SSE comment when nothing else was sent")
+    sign: float = Field(2.0, gt=0, description="shielded signing step")
+    settle: float = Field(10.0, gt=0, description="shielded metering/settlement step")
+    pool: float = Field(5.0, gt=0, description="waiting for a free upstream connection")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TRIO_GATEWAY_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    dev: bool = Field(False, description="dev mode: embedded mock model, env keys, no nitriding")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_body_bytes: int = Field(20 << 20, gt=0, description="request body cap (413 above)")
+    max_upstream_connections: int = Field(1024, gt=0)
+    max_keepalive_connections: int = Field(128, ge=0)
+    deadlines: Deadlines = Deadlines()
+    mock_token_delay_ms: float = Field(20.0, ge=0, description="dev mock: delay between tokens")
+    nitriding: bool = Field(True, description="register the key with nitriding (off in dev)")
+    nitriding_url: HttpUrl = HttpUrl("http://127.0.0.1:8080")
+    nitriding_timeout: float = Field(10.0, gt=0)
+    log_level: str = "INFO"
+    env_keys_ignored: bool = Field(False, exclude=True)
+
+    openai_base_url: HttpUrl = Field(
+        HttpUrl("https://api.openai.com/v1"),
+        validation_alias=AliasChoices("openai_base_url", "OPENAI_BASE_URL"),
+    )
+    openai_api_key: str | None = Field(
+        None,
+        validation_alias=AliasChoices("openai_api_key", "OPENAI_API_KEY"),
+        repr=False,
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.dev:
+            self.nitriding = False
+        elif self.openai_api_key:
+            # Production keys arrive once, over loopback, through POST /v1/keys; an env key would
+            # bypass the operator's injection step. It is dropped here and the start-up log says so.
+            self.openai_api_key = None
+            self.env_keys_ignored = True
+        d = self.deadlines
+        if d.keepalive >= d.idle and d.keepalive >= d.client_stall:
+            raise ValueError("deadlines.keepalive must be shorter than idle or client_stall")
+        return self
