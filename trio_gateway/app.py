@@ -41,7 +41,7 @@ def _json(body: dict[str, Any], status: int) -> Response:
 
 def create_app(state: AppState) -> QuartTrio:
     app = QuartTrio(__name__)
-    app.asgi_http_class = RelayHTTPConnection  # type: ignore[assignment]
+    app.asgi_http_class = RelayHTTPConnection
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["MAX_CONTENT_LENGTH"] = state.settings.max_body_bytes
     app.config["BODY_TIMEOUT"] = 60

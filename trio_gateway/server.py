@@ -45,7 +45,7 @@ async def run_server(
     cfg = hypercorn_config(s.host, s.port)
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(
-            partial(serve, app, cfg, shutdown_trigger=_until_signal)  # type: ignore[arg-type]
+            partial(serve, app, cfg, shutdown_trigger=_until_signal)
         )
         for b in binds:
             log.info("listening on %s", b)

@@ -102,9 +102,8 @@ class SSEDecoder:
                 raise SSEError(f"SSE event larger than {self._max_event} bytes")
         elif name == "event":
             self._event = value
-        elif name == "id":
-            if "\0" not in value:
-                self._last_id = value
+        elif name == "id" and "\0" not in value:
+            self._last_id = value
         # "retry" and unknown fields are ignored
         return None
 

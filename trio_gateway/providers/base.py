@@ -51,7 +51,8 @@ class ModelInfo:
 
 
 class Provider(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def unsupported(self, kind: Kind, fields: Mapping[str, Any]) -> list[str]:
         """Request fields this provider cannot honour (the route answers 400 naming them)."""

@@ -53,7 +53,7 @@ def _example(schema: Any) -> Any:
     if not isinstance(schema, dict):
         return "example"
     t = schema.get("type")
-    if "enum" in schema and schema["enum"]:
+    if schema.get("enum"):
         return schema["enum"][0]
     if t == "object" or "properties" in schema:
         props = schema.get("properties") or {}
@@ -152,9 +152,12 @@ class MockModelTransport(httpx.AsyncBaseTransport):
             body = json.loads(request.content)
         except ValueError:
             return httpx.Response(400, json={"error": {"message": "bad json", "type": "x"}})
-        kind = "completion" if request.url.path.endswith("/completions") and (
-            not request.url.path.endswith("/chat/completions")
-        ) else "chat"
+        kind = (
+            "completion"
+            if request.url.path.endswith("/completions")
+            and (not request.url.path.endswith("/chat/completions"))
+            else "chat"
+        )
         words, call, finish = _plan(body)
         prompt_tokens = _count_tokens(body.get("messages") or body.get("prompt"))
         completion_tokens = len(words) if call is None else _count_tokens(call)

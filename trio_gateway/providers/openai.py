@@ -64,7 +64,7 @@ def _choice_events(kind: Kind, choice: Mapping[str, Any], *, stream: bool) -> li
 
 
 def _events(kind: Kind, obj: Mapping[str, Any], *, stream: bool) -> list[ProviderEvent]:
-    if "error" in obj and obj["error"]:
+    if obj.get("error"):
         raise UpstreamError("the provider reported an error", code="provider_error")
     out: list[ProviderEvent] = []
     for choice in obj.get("choices") or ():

@@ -184,8 +184,7 @@ class Relay:
                     job.record.upstream_status = resp.status_code
                     if resp.status_code >= 400:
                         body = await _read_capped(resp, MAX_UPSTREAM_ERROR_BODY)
-                        err = job.provider.error(resp.status_code, body)
-                        await send.send(UpstreamFailed(err))
+                        await send.send(UpstreamFailed(job.provider.error(resp.status_code, body)))
                         return
                     await send.send(UpstreamOpened())
                     if call.stream:
@@ -202,22 +201,21 @@ class Relay:
             except GatewayError as err:
                 await send.send(UpstreamFailed(err))
             except httpx.TimeoutException as exc:
-                what = "connect" if isinstance(exc, httpx.ConnectTimeout) else "pool"
                 if isinstance(exc, httpx.PoolTimeout):
-                    err = UpstreamTimeout("no upstream connection free in time", code="pool")
+                    timeout = UpstreamTimeout("no upstream connection free in time", code="pool")
                 else:
-                    err = UpstreamTimeout("the provider did not answer in time", code=what)
-                await send.send(UpstreamFailed(err))
+                    timeout = UpstreamTimeout("the provider did not answer in time", code="connect")
+                await send.send(UpstreamFailed(timeout))
             except httpx.HTTPError as exc:
                 log.warning("upstream transport error %s", type(exc).__name__)
                 await send.send(
-                    UpstreamFailed(UpstreamError("the provider connection failed", code="transport"))
+                    UpstreamFailed(
+                        UpstreamError("the provider connection failed", code="transport")
+                    )
                 )
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 log.warning("unparseable provider answer %s", type(exc).__name__)
-                await send.send(
-                    UpstreamFailed(UpstreamError("malformed answer from the provider"))
-                )
+                await send.send(UpstreamFailed(UpstreamError("malformed answer from the provider")))
 
     async def _consume(
         self,

@@ -91,9 +91,7 @@ async def install_keys() -> dict[str, Any]:
         raise InvalidRequest("JSON body required", code="empty_body")
     body = validate(KeysRequest, raw)
     new = {
-        provider: value
-        for field, provider in KEY_FIELDS.items()
-        if (value := getattr(body, field))
+        provider: value for field, provider in KEY_FIELDS.items() if (value := getattr(body, field))
     }
     if not new:
         raise InvalidRequest("at least one provider API key is required", code="no_keys")

@@ -104,7 +104,10 @@ def tool_calls_output(calls: Sequence[Mapping[str, Any]]) -> str:
             {
                 "id": c["id"],
                 "type": "function",
-                "function": {"name": c["function"]["name"], "arguments": c["function"]["arguments"]},
+                "function": {
+                    "name": c["function"]["name"],
+                    "arguments": c["function"]["arguments"],
+                },
             }
             for c in calls
         ]

@@ -6,7 +6,7 @@ from Crypto.Hash import keccak
 
 
 def keccak256(data: bytes) -> bytes:
-    return keccak.new(digest_bits=256, data=data).digest()  # type: ignore[no-any-return]
+    return keccak.new(digest_bits=256, data=data).digest()
 
 
 def tee_msg_hash(input_hash: bytes, output_hash: bytes, timestamp: int) -> bytes:
