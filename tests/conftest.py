@@ -65,7 +65,7 @@ async def start_gateway(nursery: trio.Nursery, state: AppState) -> str:
     app = create_app(state)
     cfg = hypercorn_config("127.0.0.1", 0)
     cfg.graceful_timeout = 0.5
-    binds: list[str] = await nursery.start(partial(serve, app, cfg))  # type: ignore[arg-type]
+    binds: list[str] = await nursery.start(partial(serve, app, cfg))
     return binds[0]
 
 
@@ -89,7 +89,7 @@ class MockUpstream:
             return json.loads(r.read())  # type: ignore[no-any-return]
 
     def records(self, bench_id: str) -> list[dict[str, Any]]:
-        return list(self.stats(id=bench_id, detail="1").get("records", []))
+        return list(self.stats(id=bench_id, detail="1").get("requests", []))
 
 
 @pytest.fixture(scope="session")

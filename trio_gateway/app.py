@@ -20,6 +20,7 @@ from . import __version__
 from .api.errors import GatewayError, error_body
 from .relay.asgi import RelayHTTPConnection
 from .routes import inference, keys, meta
+from .services import supervise
 from .state import AppState
 
 log = logging.getLogger("trio_gateway.app")
@@ -80,6 +81,11 @@ def create_app(state: AppState) -> QuartTrio:
     async def _unexpected(err: Exception) -> Response:
         log.error("unhandled %s", type(err).__name__)  # never the message: it may carry content
         return _json(error_body(500, "internal gateway error", "server_error"), 500)
+
+    @app.before_serving
+    async def _start_services() -> None:
+        for name, service in state.services.items():
+            app.nursery.start_soon(supervise, name, service, name=f"service:{name}")
 
     @app.after_serving
     async def _close_client() -> None:

@@ -15,6 +15,7 @@ from .providers.openai import OpenAICompatible
 from .providers.registry import ModelRegistry
 from .relay.core import Relay
 from .relay.metering import Meter, UsageLog
+from .services import Service
 from .signing.keys import EnclaveKey, Signature
 
 
@@ -84,6 +85,7 @@ class AppState:
     usage_log: UsageLog | None
     provider_keys: ProviderKeys
     started_at: float = field(default_factory=time.time)
+    services: dict[str, Service] = field(default_factory=dict)
     keys_lock: trio.Lock = field(default_factory=trio.Lock)
 
     @classmethod

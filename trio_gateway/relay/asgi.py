@@ -57,6 +57,10 @@ class RelayHTTPConnection(TrioASGIHTTPConnection):
                             }
                         )
                         started = True
+                        if item.body:
+                            await send(
+                                {"type": "http.response.body", "body": item.body, "more_body": True}
+                            )
                     elif started:
                         await send({"type": "http.response.body", "body": item, "more_body": True})
         if started:

@@ -5,26 +5,33 @@ Who owns what (one request):
     ASGI request task (quart-trio; cancelled on http.disconnect)
     └── response nursery (relay.asgi.RelayHTTPConnection._send_response)
         ├── [body]  consumer: channel → ASGI ``send`` (Hypercorn's socket write)
-        └── Relay.run                       ← this module; returns only after the hook ran
-            └── pump nursery (Relay._run)
-                ├── [body]  Relay._consume: events → client bytes, deadlines, keep-alive
-                └── Relay._pump: the httpx stream; the only task that touches the upstream
+        └── Relay.run                          ← this module; returns only after the hook ran
+            └── relay nursery (Relay._run)
+                ├── [body]  Relay._upstream: the httpx stream → parse → render → channel
+                └── Relay._keepalive (streams only): an SSE comment after a silence
 
-* Channels are zero-buffer: the pump cannot run ahead of the relay, the relay cannot run ahead
-  of the client. Nothing here ``yield``s across a nursery or cancel scope.
-* What cancels the upstream: the client leaving (quart-trio cancels the request task, the
-  cancellation reaches the pump inside httpx, which closes the TCP connection because an
+* The channel to the consumer is zero-buffer: the relay cannot run ahead of the client, and a
+  client that stops reading is noticed as a hand-off that does not complete (``client_stall``).
+  The consumer is a separate task because Hypercorn's socket write is shielded and has no
+  timeout: only the relay side of the hand-off can give up. Nothing here ``yield``s across a
+  nursery or cancel scope.
+* Per upstream read, all the events it completed are rendered and handed over as one item: one
+  task switch and one socket write per read, however many tokens it carried.
+* What cancels the upstream: the client leaving (quart-trio cancels the request task; the
+  cancellation reaches ``_upstream`` inside httpx, which closes the TCP connection because an
   HTTP/1.1 stream that was not read to the end is never pooled); a deadline (first byte, idle,
-  total: the relay cancels the pump nursery); a client that stops reading (``client_stall``
-  around every hand-off to the consumer); an upstream error.
+  total); a stalled client; an upstream error.
 * Shielded, each with its own deadline: signing (``sign``; on overrun no final event is sent,
-  never an unsigned one) and the metering hook (``settle``; runs exactly once, in ``finally``).
+  never an unsigned one) and the metering hook (``settle``; exactly once, in ``finally``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from dataclasses import dataclass
+import math
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import httpx
@@ -37,23 +44,14 @@ from ..config import Deadlines
 from ..providers.base import Kind, Provider, UpstreamCall
 from ..signing.keys import Signature
 from .accumulate import Answer
-from .events import (
-    Emit,
-    Finish,
-    PumpEvent,
-    Start,
-    TextDelta,
-    ToolCallDelta,
-    UpstreamFailed,
-    UpstreamOpened,
-    UsageReport,
-)
+from .events import Emit, ProviderEvent, Start, TextDelta, ToolCallDelta, UsageReport
 from .metering import Meter, Outcome, RequestRecord
 
 log = logging.getLogger("trio_gateway.relay")
 
 MAX_UPSTREAM_BODY = 32 << 20
 MAX_UPSTREAM_ERROR_BODY = 64 << 10
+KEEPALIVE = encode_comment("keep-alive")
 
 SSE_HEADERS = (
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -95,8 +93,9 @@ class RelayJob:
 
 @dataclass
 class _Progress:
-    started: bool = False
+    started: bool = False  # a Start went (or is going) to the consumer
     first_delta: bool = True
+    last_sent: float = field(default_factory=trio.current_time)
 
 
 class Relay:
@@ -142,17 +141,22 @@ class Relay:
     async def _run(self, job: RelayJob, out: trio.MemorySendChannel[Emit], prog: _Progress) -> None:
         answer = Answer()
         failure: GatewayError | _ClientStalled | None = None
-        async with trio.open_nursery() as nursery:
-            events_send, events_recv = trio.open_memory_channel[PumpEvent](0)
-            nursery.start_soon(self._pump, job, events_send)
-            try:
-                with trio.move_on_after(self.d.total) as total:
-                    await self._consume(job, events_recv, out, prog, answer)
-                if total.cancelled_caught:
-                    failure = UpstreamTimeout("the provider did not finish in time", code="total")
-            except (GatewayError, _ClientStalled) as exc:
-                failure = exc
-            nursery.cancel_scope.cancel()  # normally the pump has already finished
+        try:
+            async with trio.open_nursery() as nursery:
+                if job.stream:
+                    nursery.start_soon(self._keepalive, out.clone(), prog)
+                try:
+                    with trio.move_on_after(self.d.total) as total:
+                        await self._upstream(job, out, prog, answer)
+                    if total.cancelled_caught:
+                        failure = UpstreamTimeout(
+                            "the provider did not finish in time", code="total"
+                        )
+                except (GatewayError, _ClientStalled) as exc:
+                    failure = exc
+                nursery.cancel_scope.cancel()  # the keep-alive task has nothing left to guard
+        except* _ClientStalled:  # raised by the keep-alive task
+            failure = _ClientStalled()
         if failure is not None:
             raise failure
 
@@ -160,128 +164,129 @@ class Relay:
         if job.stream:
             if not prog.started:
                 await self._start_stream(out, prog)
-            await self._emit(out, job.renderer.final(answer, sig))
-            job.record.outcome = Outcome.COMPLETE
-            await self._emit(out, DONE)
+            await self._emit(out, job.renderer.final(answer, sig) + DONE, prog)
         else:
             body = job.renderer.body(answer, sig)
-            await self._emit(out, Start(200, json_headers(len(body))))
+            await self._emit(out, Start(200, json_headers(len(body)), body), prog)
             prog.started = True
-            await self._emit(out, body)
-            job.record.outcome = Outcome.COMPLETE
+        job.record.outcome = Outcome.COMPLETE
 
     # -- the upstream side ----------------------------------------------------------------------
 
-    async def _pump(self, job: RelayJob, send: trio.MemorySendChannel[PumpEvent]) -> None:
-        """The only task that touches the upstream connection. Never raises: failures travel
-        to the relay as ``UpstreamFailed`` so they surface as one clean error, not a group."""
-        call = job.call
-        async with send:
-            try:
+    async def _upstream(
+        self, job: RelayJob, out: trio.MemorySendChannel[Emit], prog: _Progress, answer: Answer
+    ) -> None:
+        """The only code that touches the upstream connection."""
+        call, rec, d = job.call, job.record, self.d
+        # first byte, then idle between reads; a non-streamed answer arrives in one piece at the
+        # end, so only ``total`` bounds it.
+        watchdog = trio.CancelScope(
+            deadline=trio.current_time() + d.first_byte if job.stream else math.inf
+        )
+        seen_bytes = False
+        try:
+            with watchdog:
                 async with self.client.stream(
                     call.method, call.url, headers=call.headers, content=call.body
                 ) as resp:
-                    job.record.upstream_status = resp.status_code
+                    rec.upstream_status = resp.status_code
                     if resp.status_code >= 400:
                         body = await _read_capped(resp, MAX_UPSTREAM_ERROR_BODY)
-                        await send.send(UpstreamFailed(job.provider.error(resp.status_code, body)))
-                        return
-                    await send.send(UpstreamOpened())
-                    if call.stream:
-                        parser = job.provider.stream_parser(job.kind)
-                        async for chunk in resp.aiter_bytes():
-                            for ev in parser.feed(chunk):
-                                await send.send(ev)
-                        for ev in parser.close():
-                            await send.send(ev)
-                    else:
+                        raise job.provider.error(resp.status_code, body)
+                    if not job.stream:
                         body = await _read_capped(resp, MAX_UPSTREAM_BODY)
-                        for ev in job.provider.parse_body(job.kind, body):
-                            await send.send(ev)
-            except GatewayError as err:
-                await send.send(UpstreamFailed(err))
-            except httpx.TimeoutException as exc:
-                if isinstance(exc, httpx.PoolTimeout):
-                    timeout = UpstreamTimeout("no upstream connection free in time", code="pool")
-                else:
-                    timeout = UpstreamTimeout("the provider did not answer in time", code="connect")
-                await send.send(UpstreamFailed(timeout))
-            except httpx.HTTPError as exc:
-                log.warning("upstream transport error %s", type(exc).__name__)
-                await send.send(
-                    UpstreamFailed(
-                        UpstreamError("the provider connection failed", code="transport")
-                    )
-                )
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                log.warning("unparseable provider answer %s", type(exc).__name__)
-                await send.send(UpstreamFailed(UpstreamError("malformed answer from the provider")))
+                        await self._relay(
+                            job,
+                            job.provider.parse_body(job.kind, body),
+                            out,
+                            prog,
+                            answer,
+                            watchdog,
+                        )
+                        return
+                    if not prog.started:
+                        await self._start_stream(out, prog)
+                    parser = job.provider.stream_parser(job.kind)
+                    chunks = resp.aiter_bytes()
+                    try:
+                        async for chunk in chunks:
+                            seen_bytes = True
+                            events = parser.feed(chunk)
+                            await self._relay(job, events, out, prog, answer, watchdog)
+                        await self._relay(job, parser.close(), out, prog, answer, watchdog)
+                    except BaseException:
+                        await _end_body_iterators(resp, chunks)
+                        raise
+        except httpx.PoolTimeout:
+            raise UpstreamTimeout("no upstream connection free in time", code="pool") from None
+        except httpx.TimeoutException:
+            raise UpstreamTimeout("the provider did not answer in time", code="connect") from None
+        except httpx.HTTPError as exc:
+            log.warning("upstream transport error %s rid=%s", type(exc).__name__, rec.request_id)
+            raise UpstreamError("the provider connection failed", code="transport") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("unparseable provider answer %s rid=%s", type(exc).__name__, rec.request_id)
+            raise UpstreamError("malformed answer from the provider") from None
+        if watchdog.cancelled_caught:
+            which = "idle" if seen_bytes else "first_byte"
+            raise UpstreamTimeout("the provider went silent", code=which)
 
-    async def _consume(
+    async def _relay(
         self,
         job: RelayJob,
-        events: trio.MemoryReceiveChannel[PumpEvent],
+        events: Iterable[ProviderEvent],
         out: trio.MemorySendChannel[Emit],
         prog: _Progress,
         answer: Answer,
+        watchdog: trio.CancelScope,
     ) -> None:
-        d = self.d
-        rec = job.record
-        now = trio.current_time
-        # A non-streamed upstream answer arrives in one piece at the end: only ``total`` bounds it.
-        first_deadline = now() + d.first_byte if job.stream else float("inf")
-        last_event: float | None = None
-        keepalive_at = now() + d.keepalive if job.stream else float("inf")
-        while True:
-            upstream_deadline = first_deadline if last_event is None else last_event + d.idle
-            ev: PumpEvent | None = None
-            with trio.move_on_at(min(upstream_deadline, keepalive_at)):
-                try:
-                    ev = await events.receive()
-                except trio.EndOfChannel:
-                    return
-            if ev is None:
-                if now() >= upstream_deadline:
-                    which = "first_byte" if last_event is None else "idle"
-                    raise UpstreamTimeout("the provider went silent", code=which)
-                if not prog.started:
-                    await self._start_stream(out, prog)
-                await self._emit(out, encode_comment("keep-alive"))
-                keepalive_at = now() + d.keepalive
-                continue
-            if isinstance(ev, UpstreamFailed):
-                raise ev.error
-            if isinstance(ev, UpstreamOpened):
-                if job.stream and not prog.started:
-                    await self._start_stream(out, prog)
-                continue
-            last_event = now()
+        """Fold one read's events into the answer and hand the client their chunks, together."""
+        parts: list[bytes] = []
+        chars = 0
+        for ev in events:
             answer.add(ev)
-            if isinstance(ev, (TextDelta, ToolCallDelta)) and job.stream:
+            if isinstance(ev, (TextDelta, ToolCallDelta)):
+                if job.stream:
+                    parts.append(job.renderer.delta(ev, prog.first_delta))
+                    prog.first_delta = False
+                    chars += len(ev.text if isinstance(ev, TextDelta) else ev.arguments)
+            elif isinstance(ev, UsageReport):
+                job.record.usage = ev
+        if job.stream:
+            # the idle deadline is about the provider: the hand-off has its own (client_stall)
+            watchdog.deadline = math.inf
+            if parts:
+                await self._emit(out, parts[0] if len(parts) == 1 else b"".join(parts), prog)
+                job.record.delivered_events += len(parts)
+                job.record.delivered_chars += chars
+            watchdog.deadline = trio.current_time() + self.d.idle
+
+    async def _keepalive(self, out: trio.MemorySendChannel[Emit], prog: _Progress) -> None:
+        """An SSE comment whenever nothing was sent for ``keepalive`` seconds (also before the
+        provider's head arrives, which starts the stream early)."""
+        async with out:
+            while True:
+                due = prog.last_sent + self.d.keepalive
+                if trio.current_time() < due:
+                    await trio.sleep_until(due)
+                    continue
                 if not prog.started:
                     await self._start_stream(out, prog)
-                await self._emit(out, job.renderer.delta(ev, prog.first_delta))
-                prog.first_delta = False
-                rec.delivered_events += 1
-                rec.delivered_chars += len(ev.text if isinstance(ev, TextDelta) else ev.arguments)
-                keepalive_at = now() + d.keepalive
-            elif isinstance(ev, UsageReport):
-                rec.usage = ev
-            elif isinstance(ev, Finish):
-                pass
+                await self._emit(out, KEEPALIVE, prog)
 
     # -- the client side ------------------------------------------------------------------------
 
-    async def _emit(self, out: trio.MemorySendChannel[Emit], item: Emit) -> None:
+    async def _emit(self, out: trio.MemorySendChannel[Emit], item: Emit, prog: _Progress) -> None:
         """Hand one item to the consumer; a client that does not take it in time is cut."""
         with trio.move_on_after(self.d.client_stall) as cs:
             await out.send(item)
         if cs.cancelled_caught:
             raise _ClientStalled
+        prog.last_sent = trio.current_time()
 
     async def _start_stream(self, out: trio.MemorySendChannel[Emit], prog: _Progress) -> None:
-        await self._emit(out, Start(200, SSE_HEADERS))
-        prog.started = True
+        prog.started = True  # before the await: the keep-alive task must not start it twice
+        await self._emit(out, Start(200, SSE_HEADERS), prog)
 
     async def _sign(self, job: RelayJob, answer: Answer) -> Signature:
         sig: Signature | None = None
@@ -297,23 +302,38 @@ class Relay:
     ) -> None:
         try:
             if prog.started:  # mid-stream: an error event, no [DONE], nothing signed
-                await self._emit(out, error_event(err.body()))
+                await self._emit(out, error_event(err.body()), prog)
             else:
                 data = json_bytes(err.body())
-                await self._emit(out, Start(err.status, json_headers(len(data))))
                 prog.started = True
-                await self._emit(out, data)
+                await self._emit(out, Start(err.status, json_headers(len(data)), data), prog)
         except (_ClientStalled, trio.BrokenResourceError):
             pass
 
 
 async def _read_capped(resp: httpx.Response, cap: int) -> bytes:
     buf = bytearray()
-    async for chunk in resp.aiter_bytes():
+    chunks = resp.aiter_bytes()
+    async for chunk in chunks:
         buf += chunk
         if len(buf) > cap:
+            await _end_body_iterators(resp, chunks)
             raise UpstreamError("the provider answer is too large", code="too_large")
     return bytes(buf)
+
+
+async def _end_body_iterators(resp: httpx.Response, chunks: AsyncIterator[bytes]) -> None:
+    """httpx's body iterators are a chain of nested async generators (encode/httpx#3686).
+    Stopped between two chunks (a cancelled hand-off, a parse error, a size cap), every layer
+    stays suspended at a ``yield`` and would be garbage-collected un-exhausted (trio warns; an
+    error under ``-W error``). ``aclose()`` on the outer one ends only that layer. So: close the
+    connection first (the upstream sees it at once), then step the chain, so the read error runs
+    through every layer and ends it. Shielded and bounded: this runs while being cancelled."""
+    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+        await resp.aclose()
+        with contextlib.suppress(httpx.HTTPError, httpx.StreamError):
+            async for _ in chunks:
+                pass
 
 
 def _outcome_for(err: GatewayError) -> Outcome:
@@ -321,6 +341,6 @@ def _outcome_for(err: GatewayError) -> Outcome:
         return Outcome.SIGNING_FAILED
     if isinstance(err, UpstreamTimeout):
         return Outcome.UPSTREAM_TIMEOUT
-    if isinstance(err, GatewayError) and err.source == "provider":
+    if err.source == "provider":
         return Outcome.UPSTREAM_ERROR
     return Outcome.GATEWAY_ERROR

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..api.errors import GatewayError
-
 FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter"})
 
 
@@ -39,26 +37,17 @@ class Finish:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class UpstreamOpened:
-    """The provider accepted the request (2xx head received)."""
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamFailed:
-    error: GatewayError
-
-
 ProviderEvent = TextDelta | ToolCallDelta | UsageReport | Finish
-PumpEvent = ProviderEvent | UpstreamOpened | UpstreamFailed
 
 
 @dataclass(frozen=True, slots=True)
 class Start:
-    """Begin the HTTP response (the ASGI side sends ``http.response.start``)."""
+    """Begin the HTTP response (the ASGI side sends ``http.response.start``, then ``body`` if
+    any: a whole non-streamed answer travels as one item)."""
 
     status: int
     headers: tuple[tuple[bytes, bytes], ...] = field(default_factory=tuple)
+    body: bytes = b""
 
 
 Emit = Start | bytes
