@@ -17,8 +17,15 @@ mkdir -p "$OUT"
 pin() { if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then taskset -c "$1" "${@:2}"; else "${@:2}"; fi; }
 wait_http() { for _ in $(seq 100); do curl -fs "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "not up: $1" >&2; return 1; }
 
-cleanup() { kill "${GW:-}" "${MOCK:-}" 2>/dev/null || true; wait 2>/dev/null || true; }
+cleanup() {
+    kill "${GW:-}" "${MOCK:-}" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "${GW:-}" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "${GW:-}" "${MOCK:-}" 2>/dev/null || true
+}
 trap cleanup EXIT
+for p in "$MOCK_PORT" "$GW_PORT"; do
+    if curl -s -o /dev/null "http://127.0.0.1:$p/"; then echo "port $p is already in use" >&2; exit 1; fi
+done
 
 pin 1 "$LOADPY" "$BENCH/mock_upstream.py" --port "$MOCK_PORT" --parent-pid $$ >"$OUT/mock.log" 2>&1 &
 MOCK=$!
