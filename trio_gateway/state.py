@@ -15,6 +15,7 @@ from .providers.openai import OpenAICompatible
 from .providers.registry import ModelRegistry
 from .relay.core import Relay
 from .relay.metering import Meter, UsageLog
+from .relay.wire import UpstreamTransport
 from .services import Service
 from .signing.keys import EnclaveKey, Signature
 
@@ -57,18 +58,17 @@ def build_http_client(settings: Settings, mock: MockModelTransport | None) -> ht
     mounts: dict[str, httpx.AsyncBaseTransport | None] = {}
     if mock is not None:
         mounts[MOCK_BASE_URL.rsplit("/v1", 1)[0]] = mock
+    limits = httpx.Limits(
+        max_connections=settings.max_upstream_connections,
+        max_keepalive_connections=settings.max_keepalive_connections,
+        keepalive_expiry=30.0,
+    )
     return httpx.AsyncClient(
-        http1=True,
-        http2=False,  # a cancelled HTTP/2 stream is never reset by httpcore (#943)
+        transport=UpstreamTransport(limits=limits),  # HTTP/1.1 only: see relay/wire.py
         follow_redirects=False,
         trust_env=False,
         # read=None: the relay owns first-byte, idle and total deadlines
         timeout=httpx.Timeout(connect=d.connect, read=None, write=d.connect, pool=d.pool),
-        limits=httpx.Limits(
-            max_connections=settings.max_upstream_connections,
-            max_keepalive_connections=settings.max_keepalive_connections,
-            keepalive_expiry=30.0,
-        ),
         mounts=mounts,
     )
 
