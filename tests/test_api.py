@@ -87,9 +87,7 @@ async def test_unknown_parameter_message(dev_client: ASGIClient) -> None:
         (b'{"model": "trio-mock"}', "", 415),
     ],
 )
-async def test_bad_raw_bodies(
-    dev_client: ASGIClient, raw: bytes, ctype: str, status: int
-) -> None:
+async def test_bad_raw_bodies(dev_client: ASGIClient, raw: bytes, ctype: str, status: int) -> None:
     headers = {"content-type": ctype} if ctype else {}
     res = await dev_client.request("POST", CHAT, body=raw, headers=headers)
     assert_openai_error(res, status)
@@ -152,7 +150,11 @@ def upstream_ok(request: httpx.Request) -> httpx.Response:
             "created": 1,
             "model": body["model"],
             "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "ok"},
+                    "finish_reason": "stop",
+                }
             ],
             "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
         },
@@ -184,7 +186,10 @@ async def test_production_refuses_inference_before_keys(prod: tuple[Any, Any]) -
 async def test_keys_refused_from_non_loopback(prod: tuple[Any, Any], peer: str) -> None:
     st, app = prod
     res = await ASGIClient(app, client=(peer, 4000)).request(
-        "POST", "/v1/keys", body={"openai_api_key": "sk-live"}, headers={"x-forwarded-for": "127.0.0.1"}
+        "POST",
+        "/v1/keys",
+        body={"openai_api_key": "sk-live"},
+        headers={"x-forwarded-for": "127.0.0.1"},
     )
     assert_openai_error(res, 403)
     assert not st.provider_keys.installed

@@ -134,14 +134,23 @@ async def test_sdk_tools(sdk: openai.OpenAI, enclave_key: EnclaveKey, stream: bo
         extra = final.model_extra or {}
     else:
         call = result.choices[0].message.tool_calls[0]
-        args, names, finish, call_id = call.function.arguments, [call.function.name], (
-            result.choices[0].finish_reason
-        ), call.id
+        args, names, finish, call_id = (
+            call.function.arguments,
+            [call.function.name],
+            (result.choices[0].finish_reason),
+            call.id,
+        )
         extra = result.model_extra or {}
     assert names == ["get_weather"] and finish == "tool_calls"
     assert json.loads(args) == {"city": "example"}
     expected_output = json.dumps(
-        [{"function": {"arguments": args, "name": "get_weather"}, "id": call_id, "type": "function"}],
+        [
+            {
+                "function": {"arguments": args, "name": "get_weather"},
+                "id": call_id,
+                "type": "function",
+            }
+        ],
         sort_keys=True,
     )
     assert extra["tee_output_hash"] == keccak256(expected_output.encode()).hex()
@@ -164,7 +173,7 @@ async def test_sdk_completions(sdk: openai.OpenAI, enclave_key: EnclaveKey) -> N
 
     chunks = await trio.to_thread.run_sync(run_stream)
     text = "".join(c.choices[0].text for c in chunks if c.choices)
-    final = (chunks[-1].model_extra or {})
+    final = chunks[-1].model_extra or {}
     assert final["tee_output_hash"] == keccak256(text.encode()).hex()
     verify_fields(enclave_key.public_pem, final)
 

@@ -21,7 +21,9 @@ from trio_gateway.signing.nitriding import NitridingError, register_with_nitridi
 
 def test_cli_flags_become_settings() -> None:
     s = settings_from_args(
-        parse_args(["--dev", "--port", "9001", "--client-stall-timeout", "3", "--idle-timeout", "20"])
+        parse_args(
+            ["--dev", "--port", "9001", "--client-stall-timeout", "3", "--idle-timeout", "20"]
+        )
     )
     assert s.dev and s.port == 9001 and not s.nitriding
     assert s.deadlines.client_stall == 3 and s.deadlines.idle == 20

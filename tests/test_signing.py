@@ -91,7 +91,7 @@ CHAT_VECTORS = [
                 {"role": "user", "name": "bob", "content": [{"type": "text", "text": "hi"}]}
             ],
         },
-        "{\"messages\": [{\"content\": \"[{'type': 'text', 'text': 'hi'}]\", \"role\": \"user\"}], "
+        '{"messages": [{"content": "[{\'type\': \'text\', \'text\': \'hi\'}]", "role": "user"}], '
         '"model": "m", "temperature": 0.0}',
     ),
     # assistant tool calls, tool results; stop/tools/response_format only when truthy

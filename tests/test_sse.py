@@ -18,7 +18,7 @@ def decode_all(chunks: list[bytes]) -> list[SSEEvent]:
 
 
 def test_basic_fields_comments_and_line_endings() -> None:
-    raw = b": hello\r\nevent: delta\r\ndata: a\rdata:b\n\nid: 7\ndata: {\"x\": 1}\n\n"
+    raw = b': hello\r\nevent: delta\r\ndata: a\rdata:b\n\nid: 7\ndata: {"x": 1}\n\n'
     evs = decode_all([raw])
     assert evs == [SSEEvent("delta", "a\nb", None), SSEEvent("message", '{"x": 1}', "7")]
 
