@@ -168,7 +168,7 @@ def prod(enclave_key: EnclaveKey) -> tuple[Any, Any]:
 
 
 async def test_production_refuses_inference_before_keys(prod: tuple[Any, Any]) -> None:
-    st, app = prod
+    _st, app = prod
     client = ASGIClient(app)
     res = await client.request("POST", CHAT, body={"model": "gpt-4.1", "messages": MSG})
     assert_openai_error(res, 503)
@@ -185,6 +185,7 @@ async def test_production_refuses_inference_before_keys(prod: tuple[Any, Any]) -
 @pytest.mark.parametrize("peer", ["10.0.0.7", "192.168.1.2", "8.8.8.8", "::ffff:1.2.3.4"])
 async def test_keys_refused_from_non_loopback(prod: tuple[Any, Any], peer: str) -> None:
     st, app = prod
+    assert not st.provider_keys.installed
     res = await ASGIClient(app, client=(peer, 4000)).request(
         "POST",
         "/v1/keys",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import subprocess
 import sys
 
@@ -123,7 +124,7 @@ async def test_supervised_service_restarts_with_backoff(
             raise RuntimeError("boom")
 
     await supervise("flaky", flaky, backoff=1, max_backoff=2)
-    gaps = [round(b - a, 3) for a, b in zip(runs, runs[1:], strict=False)]
+    gaps = [round(b - a, 3) for a, b in itertools.pairwise(runs)]
     assert gaps == [1, 2, 2]
 
 
