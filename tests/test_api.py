@@ -204,7 +204,7 @@ async def test_keys_refused_from_non_loopback(prod: tuple[Any, Any], peer: str) 
         {"openai_api_key": "sk-live", "surprise": 1},
         {"openai_api_key": "sk-live", "tee_heartbeat_interval": "soon"},
         {"facilitator_url": "http://x"},
-        {"openai_api_key": "sk-live", "anthropic_api_key": "sk-ant"},
+        {"openai_api_key": "sk-live", "anthropic_api_key": "x" * 600},
     ],
 )
 async def test_keys_bad_body_installs_nothing(prod: tuple[Any, Any], body: dict[str, Any]) -> None:

@@ -224,7 +224,7 @@ class MiniRelay:
         try:
             await out.send(Start(200, SSE_HEADERS))
             answer = Answer()
-            parser = job.provider.stream_parser(job.kind)
+            parser = job.provider.stream_parser(job.kind, job.call)
             first = True
             # correct: one generator layer over the scripted (class-based) body, closed when
             # cut, so nothing is left un-exhausted for the garbage collector

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if settings.env_keys_ignored:
-        log.warning("OPENAI_API_KEY in the environment is ignored outside --dev: use POST /v1/keys")
+        log.warning("provider keys in the environment are ignored outside --dev: use POST /v1/keys")
     try:
         state = AppState.build(settings)
     except RegistryError as exc:

@@ -13,6 +13,8 @@ from typing import Self
 from pydantic import AliasChoices, BaseModel, Field, HttpUrl, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+PROVIDERS = ("openai", "anthropic", "google", "xai", "bytedance", "nous")
+
 
 class Deadlines(BaseModel):
     """Every wait in the relay has one of these; all in seconds."""
@@ -47,24 +49,73 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     env_keys_ignored: bool = Field(False, exclude=True)
 
+    # Provider base URLs, under the names the official SDKs read.
     openai_base_url: HttpUrl = Field(
         HttpUrl("https://api.openai.com/v1"),
         validation_alias=AliasChoices("openai_base_url", "OPENAI_BASE_URL"),
     )
+    anthropic_base_url: HttpUrl = Field(
+        HttpUrl("https://api.anthropic.com"),
+        validation_alias=AliasChoices("anthropic_base_url", "ANTHROPIC_BASE_URL"),
+    )
+    google_base_url: HttpUrl = Field(
+        HttpUrl("https://generativelanguage.googleapis.com"),
+        validation_alias=AliasChoices(
+            "google_base_url", "GOOGLE_GEMINI_BASE_URL", "GEMINI_BASE_URL"
+        ),
+    )
+    xai_base_url: HttpUrl = Field(
+        HttpUrl("https://api.x.ai/v1"),
+        validation_alias=AliasChoices("xai_base_url", "XAI_BASE_URL"),
+    )
+    bytedance_base_url: HttpUrl = Field(
+        HttpUrl("https://ark.ap-southeast.bytepluses.com/api/v3"),
+        validation_alias=AliasChoices("bytedance_base_url", "ARK_BASE_URL"),
+    )
+    nous_base_url: HttpUrl = Field(
+        HttpUrl("https://inference-api.nousresearch.com/v1"),
+        validation_alias=AliasChoices("nous_base_url", "NOUS_BASE_URL"),
+    )
+    # Provider keys from the environment: read in --dev only (production: POST /v1/keys).
     openai_api_key: str | None = Field(
+        None, validation_alias=AliasChoices("openai_api_key", "OPENAI_API_KEY"), repr=False
+    )
+    anthropic_api_key: str | None = Field(
+        None, validation_alias=AliasChoices("anthropic_api_key", "ANTHROPIC_API_KEY"), repr=False
+    )
+    google_api_key: str | None = Field(
         None,
-        validation_alias=AliasChoices("openai_api_key", "OPENAI_API_KEY"),
+        validation_alias=AliasChoices("google_api_key", "GEMINI_API_KEY", "GOOGLE_API_KEY"),
         repr=False,
     )
+    xai_api_key: str | None = Field(
+        None, validation_alias=AliasChoices("xai_api_key", "XAI_API_KEY"), repr=False
+    )
+    bytedance_api_key: str | None = Field(
+        None, validation_alias=AliasChoices("bytedance_api_key", "ARK_API_KEY"), repr=False
+    )
+    nous_api_key: str | None = Field(
+        None, validation_alias=AliasChoices("nous_api_key", "NOUS_API_KEY"), repr=False
+    )
+
+    def env_keys(self) -> dict[str, str]:
+        """Provider → key, from the environment (used in --dev only)."""
+        out: dict[str, str] = {}
+        for provider in PROVIDERS:
+            key = getattr(self, f"{provider}_api_key")
+            if key:
+                out[provider] = key
+        return out
 
     @model_validator(mode="after")
     def _check(self) -> Self:
         if self.dev:
             self.nitriding = False
-        elif self.openai_api_key:
+        elif self.env_keys():
             # Production keys arrive once, over loopback, through POST /v1/keys; an env key would
-            # bypass the operator's injection step. It is dropped here and the start-up log says so.
-            self.openai_api_key = None
+            # bypass the operator's injection step. They are dropped here and the log says so.
+            for provider in PROVIDERS:
+                setattr(self, f"{provider}_api_key", None)
             self.env_keys_ignored = True
         d = self.deadlines
         if d.keepalive >= d.idle and d.keepalive >= d.client_stall:

@@ -9,7 +9,9 @@ import httpx
 import trio
 
 from .config import Settings
+from .providers.anthropic import AnthropicProvider
 from .providers.base import ModelInfo, Provider
+from .providers.gemini import GeminiProvider
 from .providers.mock import MOCK_BASE_URL, MockModelTransport
 from .providers.openai import OpenAICompatible
 from .providers.registry import ModelRegistry
@@ -31,9 +33,6 @@ class KeySigner:
         return self.key.sign_answer(request_bytes, output_content, int(time.time()))
 
 
-PROVIDER_KEY_FIELDS = {"openai": "openai_api_key"}
-
-
 @dataclass
 class ProviderKeys:
     """Provider credentials: installed once (``POST /v1/keys``, or env in dev mode)."""
@@ -46,8 +45,14 @@ class ProviderKeys:
 
 
 def build_providers(settings: Settings) -> dict[str, Provider]:
+    s = settings
     providers: dict[str, Provider] = {
-        "openai": OpenAICompatible("openai", str(settings.openai_base_url)),
+        "openai": OpenAICompatible("openai", str(s.openai_base_url)),
+        "anthropic": AnthropicProvider(str(s.anthropic_base_url)),
+        "google": GeminiProvider(str(s.google_base_url)),
+        "xai": OpenAICompatible("xai", str(s.xai_base_url)),
+        "bytedance": OpenAICompatible("bytedance", str(s.bytedance_base_url)),
+        "nous": OpenAICompatible("nous", str(s.nous_base_url)),
         "mock": OpenAICompatible("mock", MOCK_BASE_URL),
     }
     return providers
@@ -115,8 +120,8 @@ class AppState:
         usage_log = UsageLog() if meter is None else None
         the_meter: Meter = meter if meter is not None else usage_log  # type: ignore[assignment]
         keys = ProviderKeys()
-        if settings.dev and settings.openai_api_key:
-            keys.keys["openai"] = settings.openai_api_key
+        if settings.dev:
+            keys.keys.update(settings.env_keys())
         relay = Relay(client, KeySigner(key), the_meter, settings.deadlines)
         return cls(
             settings=settings,

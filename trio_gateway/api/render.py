@@ -24,6 +24,10 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
+def _image(data_uri: str) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": data_uri}}
+
+
 def usage_dict(u: UsageReport | None) -> dict[str, Any] | None:
     if u is None:
         return None
@@ -82,9 +86,13 @@ class ChatRenderer:
         return self._chunk([{"index": 0, "delta": delta, "finish_reason": None}])
 
     def final(self, answer: Answer, sig: Signature) -> bytes:
+        extra: dict[str, Any] = {}
+        if answer.images:
+            extra["images"] = [_image(u) for u in answer.images]
         return self._chunk(
             [{"index": 0, "delta": {}, "finish_reason": answer.finish_reason}],
             usage=usage_dict(answer.usage),
+            **extra,
             **sig.fields(),
         )
 
@@ -92,6 +100,8 @@ class ChatRenderer:
         message: dict[str, Any] = {"role": "assistant", "content": answer.text}
         if answer.calls:
             message["tool_calls"] = answer.tool_calls()
+        if answer.images:
+            message["images"] = [_image(u) for u in answer.images]
         obj: dict[str, Any] = {
             "id": self.id,
             "object": "chat.completion",

@@ -9,7 +9,7 @@ tests swap the wire with ``httpx.MockTransport`` or a loopback server instead of
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from ..api.errors import GatewayError
@@ -20,11 +20,16 @@ Kind = Literal["chat", "completion"]
 
 @dataclass(frozen=True, slots=True)
 class UpstreamCall:
+    """One upstream HTTP request. ``stream`` is whether the *upstream* answer is streamed (an
+    image endpoint never is, even for a streaming client). ``context`` is the adapter's own
+    note to itself for parsing (e.g. the name of a tool it forced)."""
+
     method: str
     url: str
     headers: tuple[tuple[str, str], ...]
     body: bytes
     stream: bool
+    context: Mapping[str, Any] = field(default_factory=dict)
 
 
 class StreamParser(Protocol):
@@ -48,6 +53,9 @@ class ModelInfo:
     context: int | None = None
     max_output: int | None = None
     dev_only: bool = False
+    mode: Literal["chat", "image_output", "image_generation"] = "chat"
+    image_usd: str | None = None  # per generated image (image models)
+    thinking_budget: int | None = None  # Gemini thinking budget, where the reference sets one
 
 
 class Provider(Protocol):
@@ -62,9 +70,9 @@ class Provider(Protocol):
         self, kind: Kind, raw: Mapping[str, Any], model: ModelInfo, api_key: str | None
     ) -> UpstreamCall: ...
 
-    def stream_parser(self, kind: Kind) -> StreamParser: ...
+    def stream_parser(self, kind: Kind, call: UpstreamCall) -> StreamParser: ...
 
-    def parse_body(self, kind: Kind, body: bytes) -> list[ProviderEvent]: ...
+    def parse_body(self, kind: Kind, call: UpstreamCall, body: bytes) -> list[ProviderEvent]: ...
 
     def error(self, status: int, body: bytes) -> GatewayError:
         """Map an upstream error answer to our error (never echoing the provider body)."""

@@ -155,10 +155,10 @@ class OpenAICompatible:
             stream=stream,
         )
 
-    def stream_parser(self, kind: Kind) -> OpenAIStreamParser:
+    def stream_parser(self, kind: Kind, call: UpstreamCall) -> OpenAIStreamParser:
         return OpenAIStreamParser(kind)
 
-    def parse_body(self, kind: Kind, body: bytes) -> list[ProviderEvent]:
+    def parse_body(self, kind: Kind, call: UpstreamCall, body: bytes) -> list[ProviderEvent]:
         try:
             obj = json.loads(body)
         except ValueError as exc:

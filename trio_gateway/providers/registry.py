@@ -10,7 +10,8 @@ from typing import Any
 from .base import ModelInfo
 
 _FIELDS = {"provider", "upstream", "input_usd", "output_usd", "aliases", "fixed_temperature"}
-_FIELDS |= {"context", "max_output", "dev_only"}
+_FIELDS |= {"context", "max_output", "dev_only", "mode", "image_usd", "thinking_budget"}
+_MODES = {"chat", "image_output", "image_generation"}
 
 
 class RegistryError(ValueError):
@@ -27,6 +28,10 @@ def _row(name: str, row: dict[str, Any]) -> ModelInfo:
                 raise RegistryError(f"model {name!r}: {price} is negative")
         except (KeyError, InvalidOperation) as exc:
             raise RegistryError(f"model {name!r}: {price} must be a decimal string") from exc
+    if row.get("mode", "chat") not in _MODES:
+        raise RegistryError(f"model {name!r}: mode must be one of {sorted(_MODES)}")
+    if row.get("mode", "chat") == "image_generation" and "image_usd" not in row:
+        raise RegistryError(f"model {name!r}: image_generation models need image_usd")
     try:
         return ModelInfo(
             name=name,
@@ -38,6 +43,9 @@ def _row(name: str, row: dict[str, Any]) -> ModelInfo:
             context=row.get("context"),
             max_output=row.get("max_output"),
             dev_only=bool(row.get("dev_only", False)),
+            mode=row.get("mode", "chat"),
+            image_usd=str(row["image_usd"]) if "image_usd" in row else None,
+            thinking_budget=row.get("thinking_budget"),
         )
     except KeyError as exc:
         raise RegistryError(f"model {name!r}: missing field {exc}") from exc

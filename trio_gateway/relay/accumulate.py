@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..signing.canonical import tool_calls_output
-from .events import Finish, ProviderEvent, TextDelta, ToolCallDelta, UsageReport
+from .events import Finish, ImageOutput, ProviderEvent, TextDelta, ToolCallDelta, UsageReport
 
 
 @dataclass
@@ -22,6 +22,7 @@ class Answer:
     calls: dict[int, _Call] = field(default_factory=dict)
     usage: UsageReport | None = None
     finish: str | None = None
+    images: list[str] = field(default_factory=list)
 
     def add(self, ev: ProviderEvent) -> None:
         if isinstance(ev, TextDelta):
@@ -38,6 +39,8 @@ class Answer:
             self.usage = ev
         elif isinstance(ev, Finish):
             self.finish = ev.reason
+        elif isinstance(ev, ImageOutput):
+            self.images.append(ev.data_uri)
 
     @property
     def text(self) -> str:

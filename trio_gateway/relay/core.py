@@ -85,10 +85,7 @@ class RelayJob:
     call: UpstreamCall
     renderer: Renderer
     request_bytes: bytes
-
-    @property
-    def stream(self) -> bool:
-        return self.call.stream
+    stream: bool  # the client asked for SSE (the upstream may still answer in one piece)
 
 
 @dataclass
@@ -181,7 +178,7 @@ class Relay:
         # first byte, then idle between reads; a non-streamed answer arrives in one piece at the
         # end, so only ``total`` bounds it.
         watchdog = trio.CancelScope(
-            deadline=trio.current_time() + d.first_byte if job.stream else math.inf
+            deadline=trio.current_time() + d.first_byte if call.stream else math.inf
         )
         seen_bytes = False
         try:
@@ -193,11 +190,11 @@ class Relay:
                     if resp.status_code >= 400:
                         body = await _read_capped(resp, MAX_UPSTREAM_ERROR_BODY)
                         raise job.provider.error(resp.status_code, body)
-                    if not job.stream:
+                    if not call.stream:
                         body = await _read_capped(resp, MAX_UPSTREAM_BODY)
                         await self._relay(
                             job,
-                            job.provider.parse_body(job.kind, body),
+                            job.provider.parse_body(job.kind, call, body),
                             out,
                             prog,
                             answer,
@@ -206,7 +203,7 @@ class Relay:
                         return
                     if not prog.started:
                         await self._start_stream(out, prog)
-                    parser = job.provider.stream_parser(job.kind)
+                    parser = job.provider.stream_parser(job.kind, call)
                     chunks = resp.aiter_bytes()
                     try:
                         async for chunk in chunks:
@@ -255,6 +252,8 @@ class Relay:
         if job.stream:
             # the idle deadline is about the provider: the hand-off has its own (client_stall)
             watchdog.deadline = math.inf
+            if parts and not prog.started:
+                await self._start_stream(out, prog)
             if parts:
                 await self._emit(out, parts[0] if len(parts) == 1 else b"".join(parts), prog)
                 job.record.delivered_events += len(parts)

@@ -33,11 +33,19 @@ class UsageReport:
 
 
 @dataclass(frozen=True, slots=True)
+class ImageOutput:
+    """A generated image, as a ``data:`` URI. Delivered under ``images``; not in the output hash
+    (the reference signs only the caption text of image answers)."""
+
+    data_uri: str
+
+
+@dataclass(frozen=True, slots=True)
 class Finish:
     reason: str
 
 
-ProviderEvent = TextDelta | ToolCallDelta | UsageReport | Finish
+ProviderEvent = TextDelta | ToolCallDelta | UsageReport | Finish | ImageOutput
 
 
 @dataclass(frozen=True, slots=True)

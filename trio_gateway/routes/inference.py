@@ -97,10 +97,10 @@ async def _start(kind: Kind, schema: type[BaseModel]) -> RelayResponse:
         request_id=rid,
         model=model.name,
         provider=model.provider,
-        stream=call.stream,
+        stream=bool(raw.get("stream")),
         started_at=trio.current_time(),
     )
-    job = RelayJob(record, provider, kind, call, renderer, request_bytes)
+    job = RelayJob(record, provider, kind, call, renderer, request_bytes, bool(raw.get("stream")))
     resp = RelayResponse(st.relay, job)
     resp.headers["x-request-id"] = rid
     return resp
