@@ -32,6 +32,7 @@ MOCK=$!
 wait_http "http://127.0.0.1:$MOCK_PORT/health"
 
 OPENAI_BASE_URL="http://127.0.0.1:$MOCK_PORT/v1" OPENAI_API_KEY=sk-bench \
+ANTHROPIC_BASE_URL="http://127.0.0.1:$MOCK_PORT" ANTHROPIC_API_KEY=sk-bench \
     pin 0 "$PY" -m trio_gateway --dev --port "$GW_PORT" --log-level WARNING >"$OUT/gateway.log" 2>&1 &
 GW=$!
 wait_http "http://127.0.0.1:$GW_PORT/health"
@@ -49,4 +50,6 @@ D=("${LG[@]}" disconnect "${COMMON[@]}" --mock-url "http://127.0.0.1:$MOCK_PORT"
 "${D[@]}" -k 5 --abort-at-ms 300 --ttft-ms 3000                           # during TTFT, head sent
 "${D[@]}" -k 5 --abort-at-ms 300 --ttft-ms 3000 --hold-headers            # during TTFT, head held
 "${D[@]}" --nonstream --abort-at-ms 300 --ttft-ms 3000                    # non-streaming abandoned
+"${D[@]}" -k 5 --tokens 300 --model claude-sonnet-4-5                     # mid-stream, Anthropic-style upstream
+"${D[@]}" -k 5 --tokens 300 --model claude-sonnet-4-5 --abort-mode rst    # the same with RST
 "$LOADPY" "$BENCH/summarize.py" "$OUT/results.jsonl" | tee "$OUT/summary.md"

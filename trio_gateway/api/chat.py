@@ -166,25 +166,30 @@ class StreamOptions(BaseModel):
 Number = StrictInt | float
 
 
-class ChatCompletionRequest(BaseModel):
-    """The subset of OpenAI's chat request that the gateway relays and signs."""
+class SamplingRequest(BaseModel):
+    """What chat and legacy completions requests share."""
 
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
     model: StrictStr = Field(min_length=1, max_length=256)
-    messages: list[Message] = Field(min_length=1, max_length=4096)
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
     top_p: Annotated[Number, Field(ge=0, le=1)] | None = None
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
     seed: StrictInt | None = None
     user: StrictStr | None = Field(None, max_length=256)
     n: Annotated[StrictInt, Field(ge=1, le=1)] | None = None
     frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
     presence_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """The subset of OpenAI's chat request that the gateway relays and signs."""
+
+    messages: list[Message] = Field(min_length=1, max_length=4096)
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool | None = None

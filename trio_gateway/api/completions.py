@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, Field, StrictStr
 
-from .chat import Number, StreamOptions, TeeFields, Usage
+from .chat import SamplingRequest, TeeFields, Usage
 
 
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    model: StrictStr = Field(min_length=1, max_length=256)
+class CompletionRequest(SamplingRequest):
     prompt: StrictStr = Field(description="a single prompt string")
-    stream: StrictBool | None = False
-    stream_options: StreamOptions | None = None
-    temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[Number, Field(ge=0, le=1)] | None = None
-    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
-    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
-    seed: StrictInt | None = None
-    user: StrictStr | None = Field(None, max_length=256)
-    n: Annotated[StrictInt, Field(ge=1, le=1)] | None = None
-    frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
-    presence_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
 
 
 class CompletionChoice(BaseModel):
