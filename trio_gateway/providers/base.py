@@ -62,7 +62,9 @@ class Provider(Protocol):
     @property
     def name(self) -> str: ...
 
-    def unsupported(self, kind: Kind, fields: Mapping[str, Any]) -> list[str]:
+    def unsupported(
+        self, kind: Kind, fields: Mapping[str, Any], model: ModelInfo | None = None
+    ) -> list[str]:
         """Request fields this provider cannot honour (the route answers 400 naming them)."""
         ...
 

@@ -426,7 +426,9 @@ class GeminiProvider:
     base_url: str
     name: str = "google"
 
-    def unsupported(self, kind: Kind, fields: Mapping[str, Any]) -> list[str]:
+    def unsupported(
+        self, kind: Kind, fields: Mapping[str, Any], model: ModelInfo | None = None
+    ) -> list[str]:
         """What Gemini cannot honour, so the answer is refused rather than signed as if it had.
 
         * ``n`` > 1: one candidate per answer (the relay folds one choice).

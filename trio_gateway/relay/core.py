@@ -44,7 +44,15 @@ from ..config import Deadlines
 from ..providers.base import Kind, Provider, UpstreamCall
 from ..signing.keys import Signature
 from .accumulate import Answer
-from .events import Emit, ProviderEvent, Start, TextDelta, ToolCallDelta, UsageReport
+from .events import (
+    Emit,
+    ImageOutput,
+    ProviderEvent,
+    Start,
+    TextDelta,
+    ToolCallDelta,
+    UsageReport,
+)
 from .metering import Meter, Outcome, RequestRecord
 
 log = logging.getLogger("trio_gateway.relay")
@@ -249,6 +257,8 @@ class Relay:
                     chars += len(ev.text if isinstance(ev, TextDelta) else ev.arguments)
             elif isinstance(ev, UsageReport):
                 job.record.usage = ev
+            elif isinstance(ev, ImageOutput):
+                job.record.images += 1
         if job.stream:
             # the idle deadline is about the provider: the hand-off has its own (client_stall)
             watchdog.deadline = math.inf

@@ -38,6 +38,7 @@ class RequestRecord:
     delivered_events: int = 0  # content/tool deltas handed to the client
     delivered_chars: int = 0
     signed: bool = False
+    images: int = 0  # generated images delivered (billed per image for image models)
     upstream_status: int | None = None
     finished_at: float | None = None
     notes: list[str] = field(default_factory=list)

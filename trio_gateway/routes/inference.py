@@ -73,7 +73,7 @@ async def _start(kind: Kind, schema: type[BaseModel]) -> RelayResponse:
             code="provider_not_configured",
         )
     provider = st.providers[model.provider]
-    bad = provider.unsupported(kind, raw)
+    bad = provider.unsupported(kind, raw, model)
     if bad:
         raise InvalidRequest(
             f"Unsupported parameter for this model: '{bad[0]}'",
