@@ -37,10 +37,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..api.errors import GatewayError, InvalidRequest, UpstreamError
-from ..codecs.sse import SSEDecoder, SSEError
+from ..codecs.sse import SSEDecoder
 from ..relay.events import Finish, ProviderEvent, TextDelta, ToolCallDelta, UsageReport
 from ..signing.canonical import COMPLETIONS_DEFAULT_MAX_TOKENS, COMPLETIONS_DEFAULT_TEMPERATURE
 from .base import Kind, ModelInfo, UpstreamCall
+from .common import error_message, http_error, sse_json
 
 ANTHROPIC_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 8192  # chat requests without a limit: min(model.max_output, this)
@@ -315,16 +316,8 @@ class AnthropicStreamParser:
     _pending_json: str | None = None  # structured output that did not parse (yet)
 
     def feed(self, data: bytes) -> list[ProviderEvent]:
-        try:
-            events = self._sse.feed(data)
-        except SSEError as exc:
-            raise UpstreamError("unreadable event stream from the provider") from exc
         out: list[ProviderEvent] = []
-        for ev in events:
-            try:
-                obj = json.loads(ev.data)
-            except ValueError as exc:
-                raise UpstreamError("malformed event from the provider") from exc
+        for ev, obj in sse_json(self._sse, data):
             if not isinstance(obj, dict):
                 raise UpstreamError("malformed event from the provider")
             self._event(str(obj.get("type") or ev.event), obj, out)
@@ -562,19 +555,4 @@ class AnthropicProvider:
         return _body_events(obj, call.context.get(JSON_TOOL))
 
     def error(self, status: int, body: bytes) -> GatewayError:
-        message = f"the provider answered HTTP {status}"
-        if status in _CLIENT_ERRORS:
-            # The client's own request was refused (e.g. prompt too long): say why, in the
-            # provider's words, but only its error message, trimmed. Never logged.
-            try:
-                detail = json.loads(body)["error"]["message"]
-                if isinstance(detail, str):
-                    message = f"{message}: {detail[:500]}"
-            except (ValueError, KeyError, TypeError):
-                pass
-            return InvalidRequest(
-                message, source="provider", provider_status=status, retryable=False
-            )
-        if status == 429:
-            return UpstreamError(message, status=429, type="rate_limit_error", provider_status=429)
-        return UpstreamError(message, provider_status=status)
+        return http_error(status, error_message(body))

@@ -46,6 +46,7 @@ from ..relay.events import (
 )
 from ..signing.canonical import COMPLETIONS_DEFAULT_MAX_TOKENS, COMPLETIONS_DEFAULT_TEMPERATURE
 from .base import Kind, ModelInfo, UpstreamCall
+from .common import http_error, sse_json
 
 _CLIENT_ERRORS = frozenset({400, 404, 413, 422})
 
@@ -395,16 +396,8 @@ class GeminiStreamParser:
     _fold: _Folder = field(default_factory=_Folder)
 
     def feed(self, data: bytes) -> list[ProviderEvent]:
-        try:
-            events = self._sse.feed(data)
-        except SSEError as exc:
-            raise UpstreamError("unreadable event stream from the provider") from exc
         out: list[ProviderEvent] = []
-        for ev in events:
-            try:
-                obj = json.loads(ev.data)
-            except ValueError as exc:
-                raise UpstreamError("malformed chunk from the provider") from exc
+        for _, obj in sse_json(self._sse, data):
             out.extend(self._fold.events(obj))
         return out
 
@@ -524,14 +517,4 @@ class GeminiProvider:
         if "API_KEY_INVALID" in reasons:
             # Gemini answers a bad key with 400: the gateway's fault, not the client's.
             return UpstreamError(message, provider_status=status, code="provider_auth")
-        if status in _CLIENT_ERRORS:
-            # The client's own request was refused: say why, in the provider's words, but only
-            # its error message, trimmed. Never logged.
-            if detail:
-                message = f"{message}: {detail[:500]}"
-            return InvalidRequest(
-                message, source="provider", provider_status=status, retryable=False
-            )
-        if status == 429:
-            return UpstreamError(message, status=429, type="rate_limit_error", provider_status=429)
-        return UpstreamError(message, provider_status=status)
+        return http_error(status, detail)

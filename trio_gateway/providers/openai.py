@@ -25,7 +25,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from ..api.errors import GatewayError, InvalidRequest, UpstreamError
-from ..codecs.sse import SSEDecoder, SSEError
+from ..codecs.sse import SSEDecoder
 from ..relay.events import (
     Finish,
     ImageOutput,
@@ -36,6 +36,7 @@ from ..relay.events import (
 )
 from ..signing.canonical import COMPLETIONS_DEFAULT_MAX_TOKENS, COMPLETIONS_DEFAULT_TEMPERATURE
 from .base import Kind, ModelInfo, UpstreamCall
+from .common import error_message, http_error, sse_json
 
 _PATHS: dict[Kind, str] = {"chat": "/chat/completions", "completion": "/completions"}
 _IMAGES_PATH = "/images/generations"
@@ -249,18 +250,10 @@ class OpenAIStreamParser:
 
     def feed(self, data: bytes) -> list[ProviderEvent]:
         out: list[ProviderEvent] = []
-        try:
-            events = self._sse.feed(data)
-        except SSEError as exc:
-            raise UpstreamError("unreadable event stream from the provider") from exc
-        for ev in events:
-            if ev.data == "[DONE]":
+        for _, obj in sse_json(self._sse, data):
+            if obj is None:  # [DONE]
                 self._done = True
                 continue
-            try:
-                obj = json.loads(ev.data)
-            except ValueError as exc:
-                raise UpstreamError("malformed chunk from the provider") from exc
             if not isinstance(obj, dict):
                 raise UpstreamError("malformed chunk from the provider")
             evs = _events(self.kind, obj, stream=True)
@@ -390,19 +383,4 @@ class OpenAICompatible:
         return _events(kind, obj, stream=False)
 
     def error(self, status: int, body: bytes) -> GatewayError:
-        message = f"the provider answered HTTP {status}"
-        if status in _CLIENT_ERRORS:
-            # The client's own request was refused (e.g. context too long): say why, in the
-            # provider's words, but only its error message, trimmed. Never logged.
-            try:
-                detail = json.loads(body)["error"]["message"]
-                if isinstance(detail, str):
-                    message = f"{message}: {detail[:500]}"
-            except (ValueError, KeyError, TypeError):
-                pass
-            return InvalidRequest(
-                message, source="provider", provider_status=status, retryable=False
-            )
-        if status == 429:
-            return UpstreamError(message, status=429, type="rate_limit_error", provider_status=429)
-        return UpstreamError(message, provider_status=status)
+        return http_error(status, error_message(body))
