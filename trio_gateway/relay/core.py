@@ -142,6 +142,17 @@ class Relay:
                     log.error("metering hook failed %s rid=%s", type(exc).__name__, rec.request_id)
             if cs.cancelled_caught:
                 log.error("metering hook overran its deadline rid=%s", rec.request_id)
+            # one line per request: identifiers and counts only, never content
+            log.info(
+                "rid=%s model=%s stream=%s outcome=%s upstream=%s events=%d ms=%.1f",
+                rec.request_id,
+                rec.model,
+                rec.stream,
+                rec.outcome,
+                rec.upstream_status,
+                rec.delivered_events,
+                (rec.finished_at - rec.started_at) * 1000,
+            )
 
     async def _run(self, job: RelayJob, out: trio.MemorySendChannel[Emit], prog: _Progress) -> None:
         answer = Answer()
