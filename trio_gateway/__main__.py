@@ -54,6 +54,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--mock-token-delay-ms", type=float, help="dev mock: delay between tokens (20 ms)"
     )
+    p.add_argument(
+        "--ohttp-rfc9458-test-key",
+        action="store_true",
+        default=None,
+        help="dev only: also serve the RFC 9458 Appendix A OHTTP test key as key_id 1, so the "
+        "RFC's published request can be replayed (refused without --dev)",
+    )
     g = p.add_argument_group("deadlines (seconds)")
     for name, default in (
         ("connect", 10),
@@ -82,6 +89,7 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         "nitriding",
         "nitriding_url",
         "mock_token_delay_ms",
+        "ohttp_rfc9458_test_key",
     ):
         value = getattr(ns, field)
         if value is not None:

@@ -19,7 +19,7 @@ from werkzeug.exceptions import HTTPException
 from . import __version__
 from .api.errors import GatewayError, error_body
 from .relay.asgi import RelayHTTPConnection
-from .routes import inference, keys, meta
+from .routes import inference, keys, meta, ohttp
 from .services import supervise
 from .state import AppState
 
@@ -58,6 +58,7 @@ def create_app(state: AppState) -> QuartTrio:
     app.register_blueprint(meta.bp)
     app.register_blueprint(inference.bp)
     app.register_blueprint(keys.bp)
+    app.register_blueprint(ohttp.bp)
 
     @app.errorhandler(GatewayError)
     async def _gateway_error(err: GatewayError) -> Response:

@@ -47,6 +47,13 @@ class Settings(BaseSettings):
     nitriding_url: HttpUrl = HttpUrl("http://127.0.0.1:8080")
     nitriding_timeout: float = Field(10.0, gt=0)
     log_level: str = "INFO"
+    ohttp_rfc9458_test_key: bool = Field(
+        False,
+        description="dev only: also serve the RFC 9458 Appendix A OHTTP key as key_id 1",
+    )
+    ohttp_keys_max_age: int = Field(
+        60, ge=0, description="Cache-Control max-age of GET /ohttp-keys (seconds)"
+    )
     env_keys_ignored: bool = Field(False, exclude=True)
 
     # Provider base URLs, under the names the official SDKs read.
@@ -109,6 +116,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Self:
+        if self.ohttp_rfc9458_test_key and not self.dev:
+            raise ValueError(
+                "--ohttp-rfc9458-test-key serves a published private key: only allowed with --dev"
+            )
         if self.dev:
             self.nitriding = False
         elif self.env_keys():

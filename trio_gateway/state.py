@@ -9,6 +9,7 @@ import httpx
 import trio
 
 from .config import Settings
+from .ohttp_keys import OHTTPKeys
 from .providers.anthropic import AnthropicProvider
 from .providers.base import ModelInfo, Provider
 from .providers.gemini import GeminiProvider
@@ -89,6 +90,7 @@ class AppState:
     meter: Meter
     usage_log: UsageLog | None
     provider_keys: ProviderKeys
+    ohttp: OHTTPKeys = field(default_factory=OHTTPKeys.create)
     started_at: float = field(default_factory=time.time)
     services: dict[str, Service] = field(default_factory=dict)
     keys_lock: trio.Lock = field(default_factory=trio.Lock)
@@ -133,6 +135,7 @@ class AppState:
             meter=the_meter,
             usage_log=usage_log,
             provider_keys=keys,
+            ohttp=OHTTPKeys.create(rfc9458_test_key=settings.ohttp_rfc9458_test_key),
         )
 
     @property

@@ -7,10 +7,17 @@ task, start ``Relay.run`` in it, and copy what it emits to the server. No genera
 owned by the request. Status and headers come from the relay (``Start``), so an upstream failure
 before the first byte is still a proper HTTP error; headers added by ``after_request`` hooks on
 the Quart response are kept.
+
+What the consumer writes is decided by the response's ``Framing``: the default passes the relay's
+items through as they are; another framing (the OHTTP gateway's sealing one) turns each item into
+other bytes, may hold them back (a single sealed message is written at the end) and sees the
+job's outcome at the end (a chunked OHTTP stream gets its final chunk only on success). Either
+way the relay runs in the same task tree, so a disconnect cancels the upstream the same way.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -20,15 +27,47 @@ from quart_trio.asgi import TrioASGIHTTPConnection
 
 from .core import Relay, RelayJob
 from .events import Emit, Start
+from .metering import Outcome
 
 _RELAY_OWNED = frozenset({b"content-type", b"content-length"})
 
 
+@dataclass(frozen=True, slots=True)
+class Head:
+    """Write ``http.response.start`` (the response's own extra headers are appended)."""
+
+    status: int
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+Out = Head | bytes
+
+
+class Framing:
+    """Turns what the relay emits into what is written. This default writes it unchanged.
+    Methods run in the consumer task, must not block and should not raise: an exception here
+    cancels the relay like a client that left."""
+
+    def start(self, item: Start) -> list[Out]:
+        return [Head(item.status, item.headers), item.body]
+
+    def data(self, item: bytes) -> list[Out]:
+        return [item]
+
+    def end(self, outcome: Outcome | None) -> list[Out]:
+        """The relay finished (its channel closed) with ``outcome``; not called on cancel."""
+        return []
+
+
+PLAIN = Framing()
+
+
 class RelayResponse(Response):
-    def __init__(self, relay: Relay, job: RelayJob) -> None:
+    def __init__(self, relay: Relay, job: RelayJob, framing: Framing = PLAIN) -> None:
         super().__init__(b"")
         self.relay = relay
         self.job = job
+        self.framing = framing
         self.timeout = None  # our own deadlines apply, never Quart's RESPONSE_TIMEOUT
 
 
@@ -43,25 +82,32 @@ class RelayHTTPConnection(TrioASGIHTTPConnection):
             if k.lower().encode("latin1") not in _RELAY_OWNED
         ]
         started = False
+        framing = response.framing
+
+        async def write(outs: list[Out]) -> None:
+            nonlocal started
+            for out in outs:
+                if isinstance(out, Head):
+                    await send(
+                        {
+                            "type": "http.response.start",
+                            "status": out.status,
+                            "headers": [*out.headers, *extra],
+                        }
+                    )
+                    started = True
+                elif started and out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+
         send_chan, recv_chan = trio.open_memory_channel[Emit](0)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(response.relay.run, response.job, send_chan)
             async with recv_chan:
                 async for item in recv_chan:
-                    if isinstance(item, Start):
-                        await send(
-                            {
-                                "type": "http.response.start",
-                                "status": item.status,
-                                "headers": [*item.headers, *extra],
-                            }
-                        )
-                        started = True
-                        if item.body:
-                            await send(
-                                {"type": "http.response.body", "body": item.body, "more_body": True}
-                            )
-                    elif started:
-                        await send({"type": "http.response.body", "body": item, "more_body": True})
+                    await write(
+                        framing.start(item) if isinstance(item, Start) else framing.data(item)
+                    )
+            # the relay's channel is closed, so its outcome is set (the hook may still run)
+            await write(framing.end(response.job.record.outcome))
         if started:
             await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -11,6 +11,7 @@ from quart import Blueprint
 from quart_schema import document_response, tag
 
 from .. import __version__
+from ..ohttp_keys import hpke_block
 from . import app_state
 
 bp = Blueprint("meta", __name__)
@@ -24,6 +25,12 @@ class SigningKey(BaseModel):
     enclave_info: dict[str, str]
     measurements: dict[str, str] | None
     signature_scheme: str
+    hpke: dict[str, Any] = Field(
+        description="the OHTTP key config (primary key), signed by the enclave key: "
+        "signature over signature_hash = keccak256(keccak256('OPENGRADIENT_TEE_OHTTP_CONFIG_V1') "
+        "|| tee_id || u256(key_id) || u256(kem_id) || u256(kdf_id) || u256(aead_id) "
+        "|| keccak256(public_key) || keccak256(key_config))"
+    )
 
 
 class ModelCard(BaseModel):
@@ -75,6 +82,7 @@ async def signing_key() -> dict[str, Any]:
         "measurements": None,
         "signature_scheme": "RSASSA-PSS(SHA-256, MGF1-SHA-256, salt=32) over "
         "keccak256(request_hash || output_hash || uint256_be(timestamp))",
+        "hpke": hpke_block(st.ohttp, st.key),
     }
 
 

@@ -1,0 +1,157 @@
+"""The gateway's OHTTP (RFC 9458) keys: generated at start-up, rotatable, bound to the enclave key.
+
+* One fresh X25519 key per boot (DHKEM(X25519, HKDF-SHA256) with HKDF-SHA256 and AES-128-GCM or
+  ChaCha20-Poly1305), dedicated to OHTTP (RFC 9458 §6.4: never shared with another protocol).
+* Rotation (``rotate``): a new key with a new key_id becomes the *primary* (served first, signed in
+  ``/signing-key``); the previous keys stay decryptable until their expiry, then disappear.
+  Everyone gets the same key list (no per-client configs: that would partition anonymity sets).
+* Test-key mode (``--ohttp-rfc9458-test-key``, ``--dev`` only): the RFC 9458 Appendix A private
+  key is served as key_id 1 so published vectors can be replayed against a running gateway; the
+  generated key (still the primary) then gets another key_id. The test key is public knowledge.
+* ``hpke_block``: the reference's signed HPKE config (reference-behaviour §16.1)::
+
+      signature_hash = keccak256( keccak256("OPENGRADIENT_TEE_OHTTP_CONFIG_V1")
+                                ‖ tee_id (32 bytes)
+                                ‖ uint256_be(key_id) ‖ uint256_be(kem_id)
+                                ‖ uint256_be(kdf_id) ‖ uint256_be(aead_id)
+                                ‖ keccak256(public_key) ‖ keccak256(key_config) )
+      signature      = base64(RSASSA-PSS(SHA-256, MGF1-SHA-256, salt 32) over signature_hash)
+
+  ``key_config`` is the primary key's single encoded Key Config (RFC 9458 §3.1, no 2-byte length
+  prefix). It lists every suite the key accepts (ours has two, the reference's one), so the hash
+  binds all of them; ``kdf_id``/``aead_id`` name the preferred suite (HKDF-SHA256 +
+  ChaCha20-Poly1305, the reference's fixed suite). The HPKE key is not in the attestation document;
+  this signature by the attested RSA key is what binds it to the enclave.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .codecs.ohttp import (
+    AEAD_CHACHA20_POLY1305,
+    KDF_HKDF_SHA256,
+    OHTTPServerKey,
+    encode_key_configs,
+)
+from .signing.hashing import keccak256
+from .signing.keys import EnclaveKey
+
+__all__ = ["HPKE_DOMAIN", "RFC9458_TEST_KEY", "OHTTPKeys", "hpke_block", "hpke_signature_hash"]
+
+HPKE_DOMAIN = b"OPENGRADIENT_TEE_OHTTP_CONFIG_V1"
+# RFC 9458 Appendix A skR (public test vector: never a secret, only ever served in --dev).
+RFC9458_TEST_KEY = bytes.fromhex("3c168975674b2fa8e465970b79c8dcf09f1c741626480bd4c6162fc5b6a98e1a")
+RFC9458_TEST_KEY_ID = 1
+PREFERRED_SUITE = (KDF_HKDF_SHA256, AEAD_CHACHA20_POLY1305)
+
+
+@dataclass
+class _Entry:
+    key: OHTTPServerKey
+    expires_at: float | None = None  # wall-clock seconds; None: no expiry (the primary)
+
+
+@dataclass
+class OHTTPKeys:
+    """key_id -> key; the primary is the newest generated key. Not thread-safe; Trio-only."""
+
+    entries: dict[int, _Entry]
+    primary_id: int
+    clock: Callable[[], float] = field(default=time.time, repr=False)
+
+    @classmethod
+    def create(
+        cls, *, rfc9458_test_key: bool = False, clock: Callable[[], float] = time.time
+    ) -> OHTTPKeys:
+        entries: dict[int, _Entry] = {}
+        if rfc9458_test_key:
+            entries[RFC9458_TEST_KEY_ID] = _Entry(
+                OHTTPServerKey.from_private_bytes(RFC9458_TEST_KEY_ID, RFC9458_TEST_KEY)
+            )
+        key_id = _new_key_id(entries)
+        entries[key_id] = _Entry(OHTTPServerKey.generate(key_id))
+        return cls(entries, key_id, clock)
+
+    def _prune(self) -> None:
+        now = self.clock()
+        for key_id in [
+            k for k, e in self.entries.items() if e.expires_at is not None and e.expires_at <= now
+        ]:
+            del self.entries[key_id]
+
+    @property
+    def primary(self) -> OHTTPServerKey:
+        return self.entries[self.primary_id].key
+
+    def active(self) -> Mapping[int, OHTTPServerKey]:
+        """The keys a request may use now (expired ones dropped)."""
+        self._prune()
+        return {k: e.key for k, e in self.entries.items()}
+
+    def rotate(self, overlap: float) -> OHTTPServerKey:
+        """A new primary key with an unused key_id; the old primary stays valid ``overlap`` s.
+        ``overlap`` should exceed the key list's max-age, so cached lists keep working."""
+        self._prune()
+        old = self.entries[self.primary_id]
+        if old.expires_at is None:
+            old.expires_at = self.clock() + overlap
+        key_id = _new_key_id(self.entries)
+        self.entries[key_id] = _Entry(OHTTPServerKey.generate(key_id))
+        self.primary_id = key_id
+        return self.entries[key_id].key
+
+    def key_list(self) -> bytes:
+        """``application/ohttp-keys``: the primary first, then the others by key_id."""
+        keys = self.active()
+        order = [self.primary_id, *sorted(k for k in keys if k != self.primary_id)]
+        return encode_key_configs(keys[k].config for k in order)
+
+
+def _new_key_id(taken: Mapping[int, object]) -> int:
+    free = [k for k in range(256) if k not in taken]
+    if not free:  # pragma: no cover - 256 live keys would need 256 rotations within one overlap
+        raise RuntimeError("no free OHTTP key_id")
+    return secrets.choice(free)
+
+
+def _u256(value: int) -> bytes:
+    return value.to_bytes(32, "big")
+
+
+def hpke_signature_hash(tee_id: str, key: OHTTPServerKey, suite: tuple[int, int]) -> bytes:
+    config = key.config.encode()
+    kdf_id, aead_id = suite
+    return keccak256(
+        keccak256(HPKE_DOMAIN)
+        + bytes.fromhex(tee_id.removeprefix("0x"))
+        + _u256(key.key_id)
+        + _u256(key.kem_id)
+        + _u256(kdf_id)
+        + _u256(aead_id)
+        + keccak256(key.public_key)
+        + keccak256(config)
+    )
+
+
+def hpke_block(keys: OHTTPKeys, enclave: EnclaveKey) -> dict[str, Any]:
+    """The ``hpke`` block of ``/signing-key`` for the primary key (layout in the module doc)."""
+    key = keys.primary
+    suite = PREFERRED_SUITE if PREFERRED_SUITE in key.suites else min(key.suites)
+    digest = hpke_signature_hash(enclave.tee_id, key, suite)
+    return {
+        "key_id": key.key_id,
+        "kem_id": key.kem_id,
+        "kdf_id": suite[0],
+        "aead_id": suite[1],
+        "public_key": key.public_key.hex(),
+        "key_config": base64.b64encode(key.config.encode()).decode(),
+        "tee_id": enclave.tee_id,
+        "signature_hash": digest.hex(),
+        "signature": base64.b64encode(enclave.sign_raw(digest)).decode(),
+    }
