@@ -27,9 +27,15 @@ lint: $(BOOT)
 bench: $(BOOT)
 	bash bench/run.sh
 
-## fuzz: placeholder until the OHTTP issue lands its atheris harnesses
-fuzz:
-	@echo "fuzz: no harnesses yet (OHTTP issue)"; exit 1
+## fuzz: every atheris harness in fuzz/ in parallel for FUZZ_SECONDS each (default 60), niced;
+## prints runs per harness and the total. Crashes land in fuzz/crashes/<harness>/ (git-ignored).
+fuzz: $(BOOT)
+	FUZZ_SECONDS=$(or $(FUZZ_SECONDS),60) PY=$(PY) bash fuzz/run.sh
+
+## fuzz-smoke: the CI smoke (>= 100 000 executions across harnesses), also part of `make test`
+.PHONY: fuzz-smoke
+fuzz-smoke: $(BOOT)
+	$(PY) -m pytest tests/test_fuzz_smoke.py -v $(ARGS)
 
 clean:
 	rm -rf .venv bench/results
