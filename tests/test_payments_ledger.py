@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -450,3 +451,28 @@ def test_property_cap_is_never_exceeded(cap: int, program: list[tuple[int | str,
             assert s.in_flight == len(live)
 
     trio.run(main)
+
+
+async def test_orphaned_reservation_is_released_after_the_relay_could_have_ended(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A client that leaves between admission and the response starting never reaches the
+    relay, so its metering hook never runs: the reservation is released once it is older than
+    any relay can live, and a live one is left alone."""
+    from decimal import Decimal
+
+    from trio_gateway.payments.meter import SettlingMeter
+    from trio_gateway.providers.base import ModelInfo
+
+    model = ModelInfo("m", "openai", "m", "0.000002", "0.000008")
+    ledger = SessionLedger(clock=Clock())
+    await ledger.open_session("s", PAYER, 10**18, T0 + HOUR)
+    meter = SettlingMeter(ledger)
+    meter.register("rid-orphan", await ledger.reserve("s", PAYER, 10**15), model, 100, Decimal(1))
+    await trio.sleep(100)
+    meter.register("rid-live", await ledger.reserve("s", PAYER, 10**15), model, 100, Decimal(1))
+    assert ledger.status()["reserved"] == 2 * 10**15
+    assert await meter.reap_orphans(max_age=50) == 1
+    assert ledger.status()["reserved"] == 10**15
+    assert meter.orphans_reaped == 1
+    assert await meter.reap_orphans(max_age=50) == 0

@@ -61,6 +61,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="dev only: also serve the RFC 9458 Appendix A OHTTP test key as key_id 1, so the "
         "RFC's published request can be replayed (refused without --dev)",
     )
+    pay = p.add_argument_group("x402 payments (production: configured by POST /v1/keys)")
+    pay.add_argument(
+        "--payments",
+        action="store_true",
+        default=None,
+        help="dev only: require x402 upto payments on inference (needs the two below)",
+    )
+    pay.add_argument("--facilitator-url", help="x402 facilitator base URL")
+    pay.add_argument("--pay-to-address", help="EVM address that receives the payments")
+    pay.add_argument("--payment-network", help="CAIP-2 network (eip155:8453)")
+    pay.add_argument("--price-feed-url", help="CoinGecko-compatible OPG/USD price URL")
     g = p.add_argument_group("deadlines (seconds)")
     for name, default in (
         ("connect", 10),
@@ -90,6 +101,11 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         "nitriding_url",
         "mock_token_delay_ms",
         "ohttp_rfc9458_test_key",
+        "payments",
+        "facilitator_url",
+        "pay_to_address",
+        "payment_network",
+        "price_feed_url",
     ):
         value = getattr(ns, field)
         if value is not None:
@@ -141,8 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if settings.dev:
         log.warning(
-            "DEV MODE: embedded mock model 'trio-mock', throwaway key, no payments, "
-            "no attestation. NOT FOR PRODUCTION."
+            "DEV MODE: embedded mock model 'trio-mock', throwaway key, %s, "
+            "no attestation. NOT FOR PRODUCTION.",
+            "x402 payments ON" if settings.payments else "no payments",
         )
     log.info("tee_id %s", state.key.tee_id)
     try:

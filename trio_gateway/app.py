@@ -62,7 +62,10 @@ def create_app(state: AppState) -> QuartTrio:
 
     @app.errorhandler(GatewayError)
     async def _gateway_error(err: GatewayError) -> Response:
-        return _json(err.body(), err.status)
+        resp = _json(err.body(), err.status)
+        for name, value in getattr(err, "headers", {}).items():  # e.g. PAYMENT-REQUIRED
+            resp.headers[name] = value
+        return resp
 
     @app.errorhandler(HTTPException)
     async def _http_error(err: HTTPException) -> Response:
@@ -85,11 +88,25 @@ def create_app(state: AppState) -> QuartTrio:
 
     @app.before_serving
     async def _start_services() -> None:
+        s = state.settings
+        if s.payments and state.payments is None:
+            # dev mode with --payments: a facilitator that cannot be reached stops the start-up
+            assert s.facilitator_url and s.pay_to_address  # checked by Settings
+            gate = state.build_payment_gate(
+                state.payment_settings(s.facilitator_url, s.pay_to_address)
+            )
+            await gate.initialize()
+            state.enable_payments(gate)
+            log.warning("x402 payments enabled on %s", s.payment_network)
         for name, service in state.services.items():
             app.nursery.start_soon(supervise, name, service, name=f"service:{name}")
 
     @app.after_serving
     async def _close_client() -> None:
+        if state.payments is not None:
+            await state.payments.shutdown()  # settle every open session, bounded
+            await state.payments.aclose()
+            await state.payments.feed.client.aclose()
         await state.client.aclose()
 
     return app

@@ -56,6 +56,23 @@ class Settings(BaseSettings):
     )
     env_keys_ignored: bool = Field(False, exclude=True)
 
+    # x402 payments. Production: enabled by POST /v1/keys (facilitator_url + pay_to_address);
+    # dev: only with --payments and both settings. Off otherwise (inference is free, as before).
+    payments: bool = Field(False, description="dev only: require x402 upto payments")
+    facilitator_url: str | None = Field(None, description="x402 facilitator base URL")
+    pay_to_address: str | None = Field(None, description="EVM address that receives payments")
+    payment_network: str = Field("eip155:8453", description="CAIP-2 network of the payments")
+    payment_asset: str = Field(
+        "0xFbC2051AE2265686a469421b2C5A2D5462FbF5eB", description="ERC-20 paid in (OPG)"
+    )
+    payment_asset_decimals: int = Field(18, ge=0, le=36)
+    payment_asset_name: str = Field("OpenGradient", description="the asset's EIP-712 name")
+    payment_asset_version: str = Field("1", description="the asset's EIP-712 version")
+    payment_session_cap: int = Field(10**18, gt=0, description="upto max per permit (units)")
+    payment_max_timeout: int = Field(3600, gt=420, description="permit validity (seconds)")
+    price_feed_url: str | None = Field(None, description="CoinGecko-compatible OPG/USD URL")
+    price_feed_refresh: float = Field(300.0, gt=0, description="price refresh interval (s)")
+
     # Provider base URLs, under the names the official SDKs read.
     openai_base_url: HttpUrl = Field(
         HttpUrl("https://api.openai.com/v1"),
@@ -120,6 +137,14 @@ class Settings(BaseSettings):
             raise ValueError(
                 "--ohttp-rfc9458-test-key serves a published private key: only allowed with --dev"
             )
+        if self.payments:
+            if not self.dev:
+                raise ValueError(
+                    "--payments is a dev-mode switch: production payments are configured "
+                    "through POST /v1/keys"
+                )
+            if not (self.facilitator_url and self.pay_to_address):
+                raise ValueError("--payments needs --facilitator-url and --pay-to-address")
         if self.dev:
             self.nitriding = False
         elif self.env_keys():

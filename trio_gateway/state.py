@@ -10,6 +10,10 @@ import trio
 
 from .config import Settings
 from .ohttp_keys import OHTTPKeys
+from .payments.ledger import SessionLedger
+from .payments.meter import SettlingMeter
+from .payments.price_feed import PriceFeed
+from .payments.x402_gate import FacilitatorClient, PaymentSettings, X402Gate
 from .providers.anthropic import AnthropicProvider
 from .providers.base import ModelInfo, Provider
 from .providers.gemini import GeminiProvider
@@ -94,6 +98,7 @@ class AppState:
     started_at: float = field(default_factory=time.time)
     services: dict[str, Service] = field(default_factory=dict)
     keys_lock: trio.Lock = field(default_factory=trio.Lock)
+    payments: X402Gate | None = None  # None: inference is not paid for (the default)
 
     @classmethod
     def build(
@@ -149,3 +154,62 @@ class AppState:
             return True, None
         key = self.provider_keys.keys.get(model.provider)
         return key is not None, key
+
+    # -- payments -------------------------------------------------------------------------------
+
+    def payment_settings(
+        self, facilitator_url: str, pay_to: str, network: str | None = None
+    ) -> PaymentSettings:
+        s = self.settings
+        d = s.deadlines
+        return PaymentSettings(
+            facilitator_url=facilitator_url,
+            pay_to=pay_to,
+            network=network or s.payment_network,
+            asset=s.payment_asset,
+            decimals=s.payment_asset_decimals,
+            asset_name=s.payment_asset_name,
+            asset_version=s.payment_asset_version,
+            session_cap=s.payment_session_cap,
+            max_timeout_seconds=s.payment_max_timeout,
+            settle_timeout=s.deadlines.settle,
+            # longer than any relay can live: total + final hand-off + signing + the hook
+            orphan_after=d.total + d.client_stall + d.sign + d.settle + 60.0,
+        )
+
+    def build_payment_gate(
+        self,
+        pay: PaymentSettings,
+        *,
+        facilitator: FacilitatorClient | None = None,
+        feed: PriceFeed | None = None,
+        ledger: SessionLedger | None = None,
+    ) -> X402Gate:
+        """The payment layer (not yet enabled): ledger, settling meter around the usage log,
+        price feed (its own HTTP client unless given) and the x402 gate."""
+        if ledger is None:  # (an empty ledger is falsy: it has __len__)
+            ledger = SessionLedger()
+        meter = SettlingMeter(ledger, decimals=pay.decimals, inner=self.meter)
+        if feed is None:
+            feed = PriceFeed(
+                httpx.AsyncClient(trust_env=False, follow_redirects=False),
+                pay.asset,
+                url=self.settings.price_feed_url,
+                refresh_interval=self.settings.price_feed_refresh,
+            )
+        return X402Gate(pay, ledger, meter, feed, facilitator=facilitator)
+
+    def enable_payments(self, gate: X402Gate) -> dict[str, Service]:
+        """Switch the relay's meter to the gate's settling meter and return the services to run
+        (price feed, reconciler). From here on no inference request is served unpaid."""
+        if not gate.initialized:
+            raise RuntimeError("initialize() the payment gate before enabling it")
+        self.relay.meter = gate.meter
+        self.meter = gate.meter
+        self.payments = gate
+        services: dict[str, Service] = {
+            "price_feed": gate.feed.run,
+            "x402_reconciler": gate.reconcile,
+        }
+        self.services.update(services)
+        return services

@@ -1,7 +1,7 @@
 """Payments: pricing, the OPG/USD price feed, the session ledger and the settling meter.
 
 Pure and trio-native; the x402 SDK (verify/settle, the 402 challenge) is wired on top of these
-by the HTTP adapter, which is not part of this package yet.
+by ``x402_gate`` (imported on its own: it pulls in the SDK and web3).
 """
 
 from .ledger import (

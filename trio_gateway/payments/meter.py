@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+import trio
+
 from ..providers.base import ModelInfo
 from ..relay.metering import Meter, RequestRecord
 from .ledger import Charge, Reservation, SessionLedger
@@ -54,6 +56,7 @@ class SettlingMeter:
         self.inner = inner  # e.g. the foundation's UsageLog, still fed for /health
         self._remember = remember
         self._pending: dict[str, PaidRequest] = {}
+        self._registered_at: dict[str, float] = {}
         self._finished: OrderedDict[str, int] = OrderedDict()  # request_id -> charged
         self.charged_requests = 0
         self.estimated_requests = 0
@@ -61,6 +64,7 @@ class SettlingMeter:
         self.duplicates = 0
         self.errors = 0
         self.charged_total = 0
+        self.orphans_reaped = 0
 
     def register(
         self,
@@ -76,12 +80,27 @@ class SettlingMeter:
         check_price(price_usd)
         usd_cost(model, 1, 1, 1 if model.image_usd is not None else 0)  # prices parse
         self._pending[request_id] = PaidRequest(reservation, model, request_size, price_usd)
+        self._registered_at[request_id] = trio.current_time()
 
     async def abandon(self, request_id: str) -> None:
         """The request never reached the relay: free its reservation."""
         paid = self._pending.pop(request_id, None)
+        self._registered_at.pop(request_id, None)
         if paid is not None:
             await self.ledger.release(paid.reservation)
+
+    async def reap_orphans(self, max_age: float) -> int:
+        """Release reservations whose request never reached the relay (the client left between
+        admission and the response starting, so no upstream call was made and ``finish`` will
+        never come). ``max_age`` must exceed the longest a relay can run (its total deadline
+        plus the final hand-off and the hook's own deadline), so a live request is never
+        reaped. Returns how many were released."""
+        cutoff = trio.current_time() - max_age
+        stale = [rid for rid, t in self._registered_at.items() if t < cutoff]
+        for rid in stale:
+            await self.abandon(rid)
+        self.orphans_reaped += len(stale)
+        return len(stale)
 
     async def finish(self, record: RequestRecord) -> None:
         try:
@@ -101,6 +120,7 @@ class SettlingMeter:
             self.duplicates += 1
             return
         paid = self._pending.pop(rid, None)
+        self._registered_at.pop(rid, None)
         if paid is None:
             self.unmetered += 1
             return

@@ -2,7 +2,9 @@
 
 Order of checks (cheapest and least revealing first): gateway ready (503) → body type and JSON
 (415/413/400) → schema (400) → model (404) → provider configured (503) → parameters the model or
-provider cannot honour (400). Only then is the upstream call built; the relay does the rest.
+provider cannot honour (400) → when payments are enabled, the pricing and payment gate (price
+503, worst case 400, payment 402 / facilitator 503, reservation 402). Only then is the upstream
+call built; the relay does the rest.
 """
 
 from __future__ import annotations
@@ -14,18 +16,20 @@ from typing import Any
 
 import trio
 from pydantic import BaseModel
-from quart import Blueprint
+from quart import Blueprint, request
 from quart_schema import document_request, document_response, tag
 
 from ..api.chat import ChatCompletion, ChatCompletionRequest
 from ..api.completions import Completion, CompletionRequest
 from ..api.errors import InvalidRequest, NotFound, Unavailable
 from ..api.render import ChatRenderer, CompletionRenderer, Renderer
+from ..payments.x402_gate import SESSION_HEADER
 from ..providers.base import Kind, ModelInfo
 from ..relay.asgi import RelayResponse
 from ..relay.core import RelayJob
 from ..relay.metering import RequestRecord
 from ..signing.canonical import chat_request_bytes, completion_request_bytes
+from ..state import AppState
 from . import app_state, json_body, validate
 
 bp = Blueprint("inference", __name__)
@@ -92,6 +96,40 @@ async def _start(kind: Kind, schema: type[BaseModel]) -> RelayResponse:
         request_bytes = completion_request_bytes(raw)
         rid = "cmpl-" + uuid.uuid4().hex
         renderer = CompletionRenderer(rid, created, raw["model"])
+    gate = st.payments
+    if gate is None:
+        return _relay_response(st, kind, raw, model, api_key, rid, renderer, request_bytes)
+    # The pricing and payment gate: after every free check, before any upstream call.
+    admission = await gate.admit(
+        request.headers.get,
+        url=request.url,
+        path=request.path,
+        request_id=rid,
+        model=model,
+        request_size=len(request_bytes),
+        max_output=raw.get("max_completion_tokens") or raw.get("max_tokens"),
+    )
+    try:
+        resp = _relay_response(st, kind, raw, model, api_key, rid, renderer, request_bytes)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await gate.abandon(rid)  # never reached the relay: free the reservation
+        raise
+    resp.headers[SESSION_HEADER] = admission.session_id
+    return resp
+
+
+def _relay_response(
+    st: AppState,
+    kind: Kind,
+    raw: dict[str, Any],
+    model: ModelInfo,
+    api_key: str | None,
+    rid: str,
+    renderer: Renderer,
+    request_bytes: bytes,
+) -> RelayResponse:
+    provider = st.providers[model.provider]
     call = provider.build(kind, raw, model, api_key)
     record = RequestRecord(
         request_id=rid,

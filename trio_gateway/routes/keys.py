@@ -4,19 +4,28 @@ The peer is the TCP peer address Hypercorn saw (``scope["client"]``), never a he
 proxies public traffic from 127.0.0.1 too, so in an enclave the operator must reach this through
 the host's loopback-only port forward to :8000 (see SECURITY.md). Checks in order: loopback (403),
 already initialised (409), body (400); the install itself has no await, so it is atomic.
+
+Payments: ``facilitator_url`` + ``pay_to_address`` (+ optional ``network``, CAIP-2) enable x402
+``upto`` payments on inference. The facilitator's ``/supported`` is fetched first (in a thread,
+bounded); if that fails the answer is 502 and nothing at all is installed, so the operator can
+retry. On success the settling meter replaces the relay's meter and the price feed and the
+settlement reconciler start in the app nursery. Without those fields inference stays unpaid.
+The whole install runs under ``keys_lock`` (the payment set-up awaits).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-from typing import Any
+from typing import Any, cast
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
-from quart import Blueprint, request
+from quart import Blueprint, current_app, request
 from quart_schema import document_request, tag
+from quart_trio import QuartTrio
 
 from ..api.errors import GatewayError, InvalidRequest
+from ..services import supervise
 from . import app_state, json_body, validate
 
 log = logging.getLogger("trio_gateway.keys")
@@ -42,6 +51,8 @@ class KeysRequest(BaseModel):
     bytedance_api_key: StrictStr | None = Field(None, max_length=512)
     nous_api_key: StrictStr | None = Field(None, max_length=512)
     facilitator_url: StrictStr | None = Field(None, max_length=2048)
+    pay_to_address: StrictStr | None = Field(None, pattern=r"^0x[0-9a-fA-F]{40}$")
+    network: StrictStr | None = Field(None, pattern=r"^eip155:[0-9]{1,12}$")
     heartbeat_contract_address: StrictStr | None = Field(None, max_length=64)
     tee_heartbeat_interval: int | None = Field(None, ge=10, le=86400)
     tee_heartbeat_buffer: int | None = Field(None, ge=0, le=3600)
@@ -101,16 +112,54 @@ async def install_keys() -> dict[str, Any]:
             f"this gateway build has no adapter for: {', '.join(unsupported)}",
             code="unsupported_provider",
         )
-    if st.provider_keys.installed:  # re-check: json_body() awaited
-        raise GatewayError(
-            "Provider keys have already been initialized", status=409, code="already_initialized"
+    wants_payments = bool(body.facilitator_url or body.pay_to_address)
+    if wants_payments and not (body.facilitator_url and body.pay_to_address):
+        raise InvalidRequest(
+            "payments need both facilitator_url and pay_to_address", code="incomplete_payments"
         )
-    # All checks passed: install in one step (no await between here and the flag).
-    st.provider_keys.keys = dict(new)
-    st.provider_keys.installed = True
+    if (
+        wants_payments
+        and body.facilitator_url
+        and not body.facilitator_url.startswith(("http://", "https://"))
+    ):
+        raise InvalidRequest("facilitator_url must be an http(s) URL", code="invalid_value")
+    async with st.keys_lock:  # the payment set-up awaits: one installer at a time
+        if st.provider_keys.installed:  # re-check: json_body() awaited
+            raise GatewayError(
+                "Provider keys have already been initialized",
+                status=409,
+                code="already_initialized",
+            )
+        if wants_payments and st.payments is None:
+            assert body.facilitator_url and body.pay_to_address
+            gate = st.build_payment_gate(
+                st.payment_settings(body.facilitator_url, body.pay_to_address, body.network)
+            )
+            try:
+                await gate.initialize()  # GET /supported, in a thread, bounded
+            except Exception as exc:
+                await gate.aclose()
+                await gate.feed.client.aclose()
+                log.error("payment facilitator set-up failed (%s)", type(exc).__name__)
+                raise GatewayError(
+                    "the payment facilitator could not be reached or does not support upto "
+                    "on this network; nothing was installed",
+                    status=502,
+                    code="facilitator_unavailable",
+                ) from None
+            for name, service in st.enable_payments(gate).items():
+                nursery = cast(QuartTrio, current_app).nursery
+                nursery.start_soon(supervise, name, service, name=f"service:{name}")
+            log.info("x402 payments enabled on %s", gate.settings.network)
+        # All checks passed: install in one step (no await between here and the flag).
+        st.provider_keys.keys = dict(new)
+        st.provider_keys.installed = True
     log.info("provider keys installed for: %s", ", ".join(sorted(new)))
-    return {
+    out: dict[str, Any] = {
         "status": "ok",
         "providers_initialized": sorted(new),
         "heartbeat_enabled": False,
     }
+    if st.payments is not None:
+        out["payments_enabled"] = True
+    return out

@@ -61,6 +61,7 @@ async def health() -> dict[str, Any]:
     }
     if st.usage_log is not None:
         body["usage"] = st.usage_log.snapshot()
+    body["payments"] = st.payments.status() if st.payments is not None else {"enabled": False}
     return body
 
 
