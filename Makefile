@@ -27,6 +27,11 @@ lint: $(BOOT)
 bench: $(BOOT)
 	bash bench/run.sh
 
+## bench-paid: paid (open x402 session) vs unpaid overhead with ../shared/bench (N, C, ROUNDS)
+.PHONY: bench-paid
+bench-paid: $(BOOT)
+	bash bench/paid.sh
+
 ## fuzz: every atheris harness in fuzz/ in parallel for FUZZ_SECONDS each (default 60), niced;
 ## prints runs per harness and the total. Crashes land in fuzz/crashes/<harness>/ (git-ignored).
 fuzz: $(BOOT)

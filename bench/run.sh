@@ -15,6 +15,8 @@ mkdir -p "$OUT"
 : > "$OUT/results.jsonl"
 
 pin() { if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then taskset -c "$1" "${@:2}"; else "${@:2}"; fi; }
+# start a server in the background, pinned; $! is then the server itself (taskset execs it)
+spawn() { if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then taskset -c "$1" "${@:2}" & else "${@:2}" & fi; }
 wait_http() { for _ in $(seq 100); do curl -fs "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "not up: $1" >&2; return 1; }
 
 cleanup() {
@@ -27,13 +29,13 @@ for p in "$MOCK_PORT" "$GW_PORT"; do
     if curl -s -o /dev/null "http://127.0.0.1:$p/"; then echo "port $p is already in use" >&2; exit 1; fi
 done
 
-pin 1 "$LOADPY" "$BENCH/mock_upstream.py" --port "$MOCK_PORT" --parent-pid $$ >"$OUT/mock.log" 2>&1 &
+spawn 1 "$LOADPY" "$BENCH/mock_upstream.py" --port "$MOCK_PORT" --parent-pid $$ >"$OUT/mock.log" 2>&1
 MOCK=$!
 wait_http "http://127.0.0.1:$MOCK_PORT/health"
 
 OPENAI_BASE_URL="http://127.0.0.1:$MOCK_PORT/v1" OPENAI_API_KEY=sk-bench \
 ANTHROPIC_BASE_URL="http://127.0.0.1:$MOCK_PORT" ANTHROPIC_API_KEY=sk-bench \
-    pin 0 "$PY" -m trio_gateway --dev --port "$GW_PORT" --log-level WARNING >"$OUT/gateway.log" 2>&1 &
+    spawn 0 "$PY" -m trio_gateway --dev --port "$GW_PORT" --log-level WARNING >"$OUT/gateway.log" 2>&1
 GW=$!
 wait_http "http://127.0.0.1:$GW_PORT/health"
 

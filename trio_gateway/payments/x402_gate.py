@@ -23,6 +23,11 @@ drives ``x402ResourceServer`` (the framework-agnostic core) itself:
   ``ledger.due_for_settlement()`` through the facilitator with ``settlement amount = charged``,
   each call shielded and bounded, failures retried with backoff. When cancelled (shutdown) it
   settles everything ``close_all()`` hands out, shielded, within ``shutdown_timeout``.
+* **Asynchronous settle jobs** (``settle_jobs``): a ``202``/job-id answer is not a settlement.
+  The job is polled (``GET /settle/<jobId>``, backoff, inside the same shielded settle deadline);
+  ``succeeded`` settles with the job's transaction, ``failed``/``not_found`` keep the debt and the
+  next round re-drives the settle, and a job still pending at the deadline is remembered so the
+  next round polls it again instead of settling twice.
 
 Only sync callables are given to the SDK (async price callbacks break under trio), and the one
 blocking SDK call (``initialize()``: ``GET /supported`` with a sync client) runs in a worker
@@ -39,7 +44,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import trio
 from x402 import x402ResourceServer
@@ -67,6 +72,13 @@ from .ledger import (
 from .meter import SettlingMeter
 from .price_feed import PriceFeed, PriceUnavailable
 from .pricing import OPG_DECIMALS, PricingError, estimate_prompt_tokens, worst_case_cost
+from .settle_jobs import (
+    JobAwareFacilitatorClient,
+    JobState,
+    SettleJobAccepted,
+    SettleJobClient,
+    poll_settle_job,
+)
 
 with warnings.catch_warnings():
     # x402's EVM mechanisms import web3, whose legacy websocket provider imports the deprecated
@@ -157,6 +169,8 @@ class Stats:
     settles: int = 0
     settle_failures: int = 0
     settled_units: int = 0
+    settle_jobs: int = 0  # settles the facilitator accepted as asynchronous jobs
+    settle_jobs_failed: int = 0  # jobs that ended failed or not_found (then re-driven)
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -187,7 +201,7 @@ class X402Gate:
         self.feed = feed
         self._own_client: HTTPFacilitatorClient | None = None
         if facilitator is None:
-            self._own_client = HTTPFacilitatorClient(
+            self._own_client = JobAwareFacilitatorClient(
                 FacilitatorConfig(url=settings.facilitator_url, timeout=settings.settle_timeout)
             )
             facilitator = self._own_client
@@ -204,6 +218,8 @@ class X402Gate:
         self.stats = Stats()
         self.initialized = False
         self.last_settle_error: str | None = None
+        self.last_settle_tx: str | None = None
+        self._jobs: dict[str, str] = {}  # session id -> its pending settle job
 
     # -- start-up -------------------------------------------------------------------------------
 
@@ -446,16 +462,27 @@ class X402Gate:
         reqs = permit.requirements.model_copy(update={"amount": str(amount)})
         ok = False
         error: str | None = None
+        tx: str | None = None
         with trio.CancelScope(shield=True):
             with trio.move_on_after(self.settings.settle_timeout):
                 try:
-                    res = await self.server.settle_payment(permit.payload, reqs)
-                    ok = bool(res.success)
-                    error = None if ok else (res.error_reason or "settle_failed")
+                    job = self._jobs.get(session_id)
+                    if job is None:  # no job pending from an earlier round: (re-)drive it
+                        try:
+                            res = await self.server.settle_payment(permit.payload, reqs)
+                            ok = bool(res.success)
+                            tx = res.transaction or None
+                            error = None if ok else (res.error_reason or "settle_failed")
+                        except SettleJobAccepted as acc:
+                            job = self._jobs[session_id] = acc.job_id
+                            self.stats.settle_jobs += 1
+                            log.info("session %s: settle accepted as job %s", session_id, job)
+                    if job is not None:
+                        ok, tx, error = await self._await_job(session_id, job)
                 except Exception as exc:
                     error = type(exc).__name__
             if not ok and error is None:
-                error = "timeout"
+                error = "timeout"  # a job still pending stays in _jobs: next round polls it
             if not ok and error is not None and "nonce" in error:
                 # an earlier attempt landed but its answer was lost (cancel/timeout): final
                 log.warning("session %s already settled on chain (%s)", session_id, error)
@@ -463,6 +490,8 @@ class X402Gate:
             if ok:
                 self.stats.settles += 1
                 self.stats.settled_units += amount
+                self.last_settle_tx = tx
+                log.info("session %s settled %d (tx %s)", session_id, amount, tx)
                 await self.ledger.mark_settled(session_id, amount)
                 self._forget(session_id)
             else:
@@ -472,13 +501,30 @@ class X402Gate:
                 await self.ledger.settle_failed(session_id)
         return ok
 
+    async def _await_job(self, session_id: str, job: str) -> tuple[bool, str | None, str | None]:
+        """Poll an accepted settle job (bounded by the caller): (settled, tx, error)."""
+        if not hasattr(
+            self.facilitator, "settle_job_status"
+        ):  # cannot happen with our HTTP client; never count it as settled
+            self._jobs.pop(session_id, None)
+            return False, None, "settle_job_unpollable"
+        status = await poll_settle_job(cast(SettleJobClient, self.facilitator), job)
+        del self._jobs[session_id]
+        if status.state is JobState.SUCCEEDED:
+            return True, status.transaction, None
+        self.stats.settle_jobs_failed += 1
+        log.warning("settle job %s of session %s: %s", job, session_id, status.state.value)
+        return False, None, f"settle_job_{status.state.value}: {status.error or ''}".rstrip(": ")
+
     def _forget(self, session_id: str) -> None:
         self._permits.pop(session_id, None)
+        self._jobs.pop(session_id, None)
 
     def _drop_closed(self) -> None:
         """Forget permits of sessions the ledger dropped or abandoned (bounded memory)."""
         for sid in [sid for sid in self._permits if self.ledger.get(sid) is None]:
             del self._permits[sid]
+            self._jobs.pop(sid, None)
 
     async def settle_due(self) -> tuple[int, int]:
         """One reconciler round: (settled, failed)."""
@@ -532,6 +578,10 @@ class X402Gate:
                 "settle_failures": s.settle_failures,
                 "settled_units": str(s.settled_units),
                 "last_settle_error": self.last_settle_error,
+                "last_settle_tx": self.last_settle_tx,
+                "settle_jobs": s.settle_jobs,
+                "settle_jobs_failed": s.settle_jobs_failed,
+                "settle_jobs_pending": len(self._jobs),
             },
             "session_hits": s.session_hits,
         }
