@@ -33,6 +33,7 @@ All mutations take ``self.lock`` and never await while holding it.
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
 import time
 from collections import OrderedDict
@@ -44,6 +45,12 @@ from typing import Any
 import trio
 
 log = logging.getLogger("trio_gateway.payments.ledger")
+
+
+def session_tag(session_id: str) -> str:
+    """A session id is a bearer secret (``X-Upto-Session``): logs get a short fingerprint."""
+    return "s:" + hashlib.sha256(session_id.encode()).hexdigest()[:12]
+
 
 SERVE_MARGIN = 420.0
 SETTLE_MARGIN = 120.0
@@ -327,7 +334,11 @@ class SessionLedger:
                 r.charged = 0
                 self.total_late_unbilled += actual
                 if actual:
-                    log.error("late charge of %d on settling session %s", actual, r.session_id)
+                    log.error(
+                        "late charge of %d on settling session %s",
+                        actual,
+                        session_tag(r.session_id),
+                    )
                 return Charge(0, actual, late=True)
             headroom = s.cap - s.charged - s.held  # >= r.amount
             charge = min(actual, headroom)
@@ -341,7 +352,7 @@ class SessionLedger:
                 s.exhausted = True
             if saturated:
                 self.saturations += 1
-                log.warning("session %s saturated at its cap", r.session_id)
+                log.warning("session %s saturated at its cap", session_tag(r.session_id))
             return Charge(charge, actual, saturated=saturated)
 
     async def release(self, r: Reservation) -> None:
@@ -442,7 +453,12 @@ class SessionLedger:
             if s.state is not State.SETTLING:
                 raise LedgerError(f"session {session_id} is not being settled")
             if amount != s.charged:
-                log.warning("session %s settled %d, ledger says %d", session_id, amount, s.charged)
+                log.warning(
+                    "session %s settled %d, ledger says %d",
+                    session_tag(session_id),
+                    amount,
+                    s.charged,
+                )
             self.total_settled += amount
             self._tombstone(s, State.SETTLED, amount)
             return True

@@ -68,6 +68,7 @@ from .ledger import (
     Reservation,
     SessionExpiring,
     SessionLedger,
+    session_tag,
 )
 from .meter import SettlingMeter
 from .price_feed import PriceFeed, PriceUnavailable
@@ -457,7 +458,7 @@ class X402Gate:
         """Settle one claimed session (shielded, bounded). True when it is final."""
         permit = self._permits.get(session_id)
         if permit is None:
-            log.error("no permit for session %s: cannot settle", session_id)
+            log.error("no permit for session %s: cannot settle", session_tag(session_id))
             return False
         reqs = permit.requirements.model_copy(update={"amount": str(amount)})
         ok = False
@@ -476,7 +477,11 @@ class X402Gate:
                         except SettleJobAccepted as acc:
                             job = self._jobs[session_id] = acc.job_id
                             self.stats.settle_jobs += 1
-                            log.info("session %s: settle accepted as job %s", session_id, job)
+                            log.info(
+                                "session %s: settle accepted as job %s",
+                                session_tag(session_id),
+                                job,
+                            )
                     if job is not None:
                         ok, tx, error = await self._await_job(session_id, job)
                 except Exception as exc:
@@ -485,19 +490,21 @@ class X402Gate:
                 error = "timeout"  # a job still pending stays in _jobs: next round polls it
             if not ok and error is not None and "nonce" in error:
                 # an earlier attempt landed but its answer was lost (cancel/timeout): final
-                log.warning("session %s already settled on chain (%s)", session_id, error)
+                log.warning(
+                    "session %s already settled on chain (%s)", session_tag(session_id), error
+                )
                 ok = True
             if ok:
                 self.stats.settles += 1
                 self.stats.settled_units += amount
                 self.last_settle_tx = tx
-                log.info("session %s settled %d (tx %s)", session_id, amount, tx)
+                log.info("session %s settled %d (tx %s)", session_tag(session_id), amount, tx)
                 await self.ledger.mark_settled(session_id, amount)
                 self._forget(session_id)
             else:
                 self.stats.settle_failures += 1
                 self.last_settle_error = error
-                log.warning("settle of session %s failed: %s", session_id, error)
+                log.warning("settle of session %s failed: %s", session_tag(session_id), error)
                 await self.ledger.settle_failed(session_id)
         return ok
 
@@ -513,7 +520,9 @@ class X402Gate:
         if status.state is JobState.SUCCEEDED:
             return True, status.transaction, None
         self.stats.settle_jobs_failed += 1
-        log.warning("settle job %s of session %s: %s", job, session_id, status.state.value)
+        log.warning(
+            "settle job %s of session %s: %s", job, session_tag(session_id), status.state.value
+        )
         return False, None, f"settle_job_{status.state.value}: {status.error or ''}".rstrip(": ")
 
     def _forget(self, session_id: str) -> None:
