@@ -163,7 +163,9 @@ def upstream_ok(request: httpx.Request) -> httpx.Response:
 
 @pytest.fixture
 def prod(enclave_key: EnclaveKey) -> tuple[Any, Any]:
-    st = make_state(enclave_key, dev=False, transport=httpx.MockTransport(upstream_ok))
+    st = make_state(
+        enclave_key, dev=False, allow_unpaid=True, transport=httpx.MockTransport(upstream_ok)
+    )
     return st, create_app(st)
 
 
@@ -229,3 +231,15 @@ async def test_keys_once_then_409(prod: tuple[Any, Any]) -> None:
     assert_openai_error(again, 409)
     assert st.provider_keys.keys == {"openai": "sk-live"}
     assert "sk-live" not in repr(st.provider_keys)
+
+
+async def test_production_keys_without_payments_are_refused(enclave_key: EnclaveKey) -> None:
+    """Production inference is paid: provider keys alone would open a free public path."""
+    st = make_state(enclave_key, dev=False, transport=httpx.MockTransport(upstream_ok))
+    client = ASGIClient(create_app(st))
+    res = await client.request("POST", "/v1/keys", body={"openai_api_key": "sk-live"})
+    err = assert_openai_error(res, 400)
+    assert err["code"] == "payments_required"
+    assert not st.provider_keys.installed and st.payments is None
+    res = await client.request("POST", CHAT, body={"model": "gpt-4.1", "messages": MSG})
+    assert_openai_error(res, 503)

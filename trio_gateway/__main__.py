@@ -50,6 +50,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="do not register the key with nitriding (production outside an enclave)",
     )
+    p.add_argument(
+        "--allow-unpaid",
+        action="store_true",
+        default=None,
+        help="production without x402 payments (private deployments only): /v1/keys then "
+        "accepts provider keys without facilitator_url/pay_to_address",
+    )
     p.add_argument("--nitriding-url", help="nitriding internal API (http://127.0.0.1:8080)")
     p.add_argument(
         "--mock-token-delay-ms", type=float, help="dev mock: delay between tokens (20 ms)"
@@ -98,6 +105,7 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         "max_body_bytes",
         "max_upstream_connections",
         "nitriding",
+        "allow_unpaid",
         "nitriding_url",
         "mock_token_delay_ms",
         "ohttp_rfc9458_test_key",

@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     # x402 payments. Production: enabled by POST /v1/keys (facilitator_url + pay_to_address);
     # dev: only with --payments and both settings. Off otherwise (inference is free, as before).
     payments: bool = Field(False, description="dev only: require x402 upto payments")
+    allow_unpaid: bool = Field(
+        False,
+        description="production without payments (a private deployment): /v1/keys then accepts "
+        "provider keys without a facilitator. Off by default: never an unpaid public path.",
+    )
     facilitator_url: str | None = Field(None, description="x402 facilitator base URL")
     pay_to_address: str | None = Field(None, description="EVM address that receives payments")
     payment_network: str = Field("eip155:8453", description="CAIP-2 network of the payments")

@@ -113,6 +113,12 @@ async def install_keys() -> dict[str, Any]:
             code="unsupported_provider",
         )
     wants_payments = bool(body.facilitator_url or body.pay_to_address)
+    if not wants_payments and not st.settings.dev and not st.settings.allow_unpaid:
+        raise InvalidRequest(
+            "production inference is paid: facilitator_url and pay_to_address are required "
+            "(or start the gateway with --allow-unpaid for a private deployment)",
+            code="payments_required",
+        )
     if wants_payments and not (body.facilitator_url and body.pay_to_address):
         raise InvalidRequest(
             "payments need both facilitator_url and pay_to_address", code="incomplete_payments"
