@@ -51,6 +51,7 @@ import pytest
 import trio
 import trio.testing
 from eth_account import Account
+from eth_utils import to_checksum_address
 from x402 import x402FacilitatorSync
 from x402.http.utils import decode_payment_signature_header
 from x402.mechanisms.evm.upto import UptoEvmFacilitatorScheme
@@ -678,6 +679,24 @@ async def test_settle_answer_lost_is_neither_lost_nor_settled_twice(
     calls = p.fac.calls["settle"]
     await p.gate.settle_due()
     assert p.fac.calls["settle"] == calls
+
+
+async def test_permit_spent_elsewhere_is_not_counted_settled(
+    enclave_key: EnclaveKey, mock_clock: trio.testing.MockClock
+) -> None:
+    """The payer spends the permit's nonce before we settle: no settle of ours may have landed,
+    so "nonce already used" must not mark the debt paid (it stays owed, then is counted lost)."""
+    p = await started(enclave_key, mock_clock)
+    sig = await p.sign()
+    owed = await _one_paid_request_with(p, sig)
+    auth = decode_payment_signature_header(sig).payload["permit2Authorization"]
+    p.chain.used_nonces.add((to_checksum_address(auth["from"]), int(auth["nonce"])))
+    p.clock.offset += p.ledger.idle_timeout + 1
+    await p.gate.settle_due()
+    await p.gate.settle_due()
+    assert p.fac.landed == [] and p.paid == 0
+    assert p.ledger.total_settled == 0 and p.ledger.status()["unsettled"] == owed
+    assert p.gate.status()["facilitator"]["settle_failures"] >= 1
 
 
 async def test_permit_deadline_margins(

@@ -221,6 +221,9 @@ class X402Gate:
         self.last_settle_error: str | None = None
         self.last_settle_tx: str | None = None
         self._jobs: dict[str, str] = {}  # session id -> its pending settle job
+        # sessions with a settle attempt whose outcome we never learned (timeout, transport
+        # error): only for these may a later "nonce already used" mean our own settle landed
+        self._uncertain: set[str] = set()
 
     # -- start-up -------------------------------------------------------------------------------
 
@@ -476,6 +479,7 @@ class X402Gate:
                             error = None if ok else (res.error_reason or "settle_failed")
                         except SettleJobAccepted as acc:
                             job = self._jobs[session_id] = acc.job_id
+                            self._uncertain.add(session_id)  # the facilitator went on-chain
                             self.stats.settle_jobs += 1
                             log.info(
                                 "session %s: settle accepted as job %s",
@@ -486,14 +490,25 @@ class X402Gate:
                         ok, tx, error = await self._await_job(session_id, job)
                 except Exception as exc:
                     error = type(exc).__name__
+                    self._uncertain.add(session_id)  # it may have reached the chain
             if not ok and error is None:
                 error = "timeout"  # a job still pending stays in _jobs: next round polls it
-            if not ok and error is not None and "nonce" in error:
-                # an earlier attempt landed but its answer was lost (cancel/timeout): final
+                self._uncertain.add(session_id)
+            spent = not ok and error is not None and "nonce" in error
+            if spent and session_id in self._uncertain:
+                # an earlier attempt of ours landed but its answer was lost: final
                 log.warning(
                     "session %s already settled on chain (%s)", session_tag(session_id), error
                 )
                 ok = True
+            elif spent:
+                # the permit was spent without a settle of ours that may have landed: unpaid
+                log.critical(
+                    "session %s: permit spent elsewhere, %d units unpaid",
+                    session_tag(session_id),
+                    amount,
+                )
+
             if ok:
                 self.stats.settles += 1
                 self.stats.settled_units += amount
@@ -528,12 +543,14 @@ class X402Gate:
     def _forget(self, session_id: str) -> None:
         self._permits.pop(session_id, None)
         self._jobs.pop(session_id, None)
+        self._uncertain.discard(session_id)
 
     def _drop_closed(self) -> None:
         """Forget permits of sessions the ledger dropped or abandoned (bounded memory)."""
         for sid in [sid for sid in self._permits if self.ledger.get(sid) is None]:
             del self._permits[sid]
             self._jobs.pop(sid, None)
+            self._uncertain.discard(sid)
 
     async def settle_due(self) -> tuple[int, int]:
         """One reconciler round: (settled, failed)."""
