@@ -63,7 +63,9 @@ async def start_gateway(nursery: trio.Nursery, state: AppState) -> str:
     """Serve the app with Hypercorn's trio worker on 127.0.0.1:<free port>; return the base URL.
     The server lives in ``nursery`` (pytest-trio cancels it at teardown)."""
     app = create_app(state)
-    cfg = hypercorn_config("127.0.0.1", 0)
+    cfg = hypercorn_config(
+        "127.0.0.1", 0, tcp_user_timeout=state.settings.deadlines.client_stall + 0.5
+    )
     cfg.graceful_timeout = 0.5
     binds: list[str] = await nursery.start(partial(serve, app, cfg))
     return binds[0]

@@ -367,11 +367,34 @@ async def test_stalled_reader(
         # the stall deadline starts only once a hand-off blocks: nothing can cut it sooner
         assert latency >= STALL, f"upstream closed after {latency * 1e3:.1f} ms, before the stall"
         await assert_metered_once(state, {"client_stalled": 1})
-        # the client is still connected (Hypercorn is parked in its write); let it go, the
-        # request must not be metered a second time
-        client.act("rst")
-        await trio.sleep(0.2)
-        await assert_metered_once(state, {"client_stalled": 1})
+        # The client is still connected and still not reading. Hypercorn's write is shielded
+        # with no timeout, so only TCP_USER_TIMEOUT (client_stall + 0.5 s here, set on the
+        # listening socket) frees it: the kernel aborts the connection, the write fails and
+        # Hypercorn closes its end. Without it the connection stays ESTABLISHED for as long as
+        # the client keeps its window shut (measured: > 10 s).
+        gport, cport = addr[1], client.raw.getsockname()[1]
+        assert _server_side_state(gport, cport) is not None, "connection gone too early"
+        t_freed = await _wait_server_side_gone(gport, cport, limit=STALL + 0.5 + 3.0)
+        assert t_freed - t_action >= STALL, "aborted before the relay's own stall deadline"
+        await assert_metered_once(state, {"client_stalled": 1})  # never a second time
     finally:
         client.close()
     report(request, latency)
+
+
+def _server_side_state(gport: int, cport: int) -> str | None:
+    """The TCP state (hex, /proc/net/tcp) of the gateway's end of one connection, or None."""
+    with open("/proc/net/tcp") as fh:
+        lines = fh.read().splitlines()[1:]
+    for line in lines:
+        f = line.split()
+        if int(f[1].rsplit(":", 1)[1], 16) == gport and int(f[2].rsplit(":", 1)[1], 16) == cport:
+            return f[3]
+    return None
+
+
+async def _wait_server_side_gone(gport: int, cport: int, *, limit: float) -> float:
+    with trio.fail_after(limit):
+        while _server_side_state(gport, cport) is not None:  # noqa: ASYNC110 - polling the kernel
+            await trio.sleep(0.02)
+    return time.monotonic()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Callable
 from decimal import Decimal
@@ -222,3 +223,33 @@ def test_two_feeds_share_no_state() -> None:
     a.total_fetches = 5
     assert b.total_fetches == 0
     assert a.status() is not b.status()
+
+
+async def test_oversized_answer_over_a_real_socket_is_refused_cleanly() -> None:
+    """A price endpoint that sends far more than the cap: the fetch fails as "too large", the
+    connection is closed at once and httpx's nested body iterators are ended (an abandoned one
+    would be a warning, an error under -W error). A real loopback server, not MockTransport, so
+    httpcore's own iterator chain is the one being cut."""
+    closed = trio.Event()
+
+    async def server(stream: trio.SocketStream) -> None:
+        try:
+            await stream.receive_some(65536)
+            await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n")
+            with trio.move_on_after(10):
+                while True:
+                    await stream.send_all(b"x" * 16384)
+        except trio.BrokenResourceError:
+            closed.set()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, server, 0)
+        port = listeners[0].socket.getsockname()[1]
+        async with httpx.AsyncClient() as client:
+            feed = PriceFeed(client, OPG, url=f"http://127.0.0.1:{port}/price", attempts=1)
+            assert await feed.refresh() is False
+            assert "too large" in (feed.status()["last_error"] or "")
+        with trio.fail_after(5):
+            await closed.wait()  # the gateway hung up on the endpoint
+        gc.collect()
+        nursery.cancel_scope.cancel()

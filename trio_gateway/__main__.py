@@ -57,6 +57,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="production without x402 payments (private deployments only): /v1/keys then "
         "accepts provider keys without facilitator_url/pay_to_address",
     )
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        metavar="S",
+        help="on SIGTERM, how long in-flight requests may finish (30)",
+    )
     p.add_argument("--nitriding-url", help="nitriding internal API (http://127.0.0.1:8080)")
     p.add_argument(
         "--mock-token-delay-ms", type=float, help="dev mock: delay between tokens (20 ms)"
@@ -107,6 +113,7 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         "nitriding",
         "allow_unpaid",
         "nitriding_url",
+        "shutdown_grace",
         "mock_token_delay_ms",
         "ohttp_rfc9458_test_key",
         "payments",
@@ -170,14 +177,42 @@ def main(argv: list[str] | None = None) -> int:
             "x402 payments ON" if settings.payments else "no payments",
         )
     log.info("tee_id %s", state.key.tee_id)
+    return serve_until_shutdown(state, log)
+
+
+EXIT_NITRIDING = 3
+EXIT_CRASHED = 70  # EX_SOFTWARE
+
+
+def serve_until_shutdown(state: AppState, log: logging.Logger) -> int:
+    """Run the gateway until a signal shuts it down (exit 0). A crash is final: the enclave key
+    lives only in this process, so nothing here restarts it (scripts/start.sh stops the
+    enclave); the log carries the exception type only, never a message that could hold
+    content."""
     try:
         trio.run(run_server, state)
-    except NitridingError as exc:
-        log.error("%s", exc)
-        return 3
     except KeyboardInterrupt:
-        pass
+        return 0
+    except BaseException as exc:  # the process boundary: classify, never respawn
+        leaves = _leaf_exceptions(exc)
+        for leaf in leaves:
+            if isinstance(leaf, NitridingError):
+                log.error("%s", leaf)
+                return EXIT_NITRIDING
+        if leaves and all(isinstance(e, KeyboardInterrupt) for e in leaves):
+            return 0
+        log.critical(
+            "gateway crashed (%s); exiting without restart: a new process would have a new key",
+            ", ".join(sorted({type(e).__name__ for e in leaves})) or type(exc).__name__,
+        )
+        return EXIT_CRASHED
     return 0
+
+
+def _leaf_exceptions(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaf_exceptions(sub)]
+    return [exc]
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """The Quart-Trio application: routes, error shape, OpenAPI, lifespan.
 
 Quart's ``RESPONSE_TIMEOUT`` is off (it would silently cut streams at 60 s); the relay enforces
-its own deadlines. Background services run in the app-owned nursery quart-trio opens for the
-lifespan (``app.nursery``); each catches its own errors, because a task that raises there takes
-the whole app down. Per-request work never goes there: it belongs to the request's nursery.
+its own deadlines. Background services run in ``state.service_host``, a nursery hosted by one task
+in the app-owned nursery quart-trio opens for the lifespan (``app.nursery``); each is supervised
+(it catches its own errors, because a task that raises there takes the whole app down), and
+shutdown stops them all before settling sessions and closing clients. Per-request work never
+goes there: it belongs to the request's nursery.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from quart import Response
+from quart import Response, request
 from quart_schema import Info, QuartSchema
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -19,8 +21,8 @@ from werkzeug.exceptions import HTTPException
 from . import __version__
 from .api.errors import GatewayError, error_body
 from .relay.asgi import RelayHTTPConnection
+from .relay.core import ShuttingDown
 from .routes import inference, keys, meta, ohttp
-from .services import supervise
 from .state import AppState
 
 log = logging.getLogger("trio_gateway.app")
@@ -60,6 +62,12 @@ def create_app(state: AppState) -> QuartTrio:
     app.register_blueprint(keys.bp)
     app.register_blueprint(ohttp.bp)
 
+    @app.before_request
+    async def _refuse_when_draining() -> None:
+        # after SIGTERM: running requests may finish, new work is refused (reads still answer)
+        if state.draining and request.method not in ("GET", "HEAD", "OPTIONS"):
+            raise ShuttingDown()
+
     @app.errorhandler(GatewayError)
     async def _gateway_error(err: GatewayError) -> Response:
         resp = _json(err.body(), err.status)
@@ -98,11 +106,18 @@ def create_app(state: AppState) -> QuartTrio:
             await gate.initialize()
             state.enable_payments(gate)
             log.warning("x402 payments enabled on %s", s.payment_network)
+        await app.nursery.start(state.service_host.run)
         for name, service in state.services.items():
-            app.nursery.start_soon(supervise, name, service, name=f"service:{name}")
+            state.service_host.start(name, service)
 
     @app.after_serving
     async def _close_client() -> None:
+        # services first (price feed, reconciler, heartbeat): nothing may still use a client
+        # that is closed below, and the shutdown settlement must not race the reconciler
+        if not await state.service_host.stop():
+            log.error("background services did not stop in time")
+        if state.heartbeat is not None:
+            await state.heartbeat.aclose()  # stops it first, then closes its client
         if state.payments is not None:
             await state.payments.shutdown()  # settle every open session, bounded
             await state.payments.aclose()

@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     nitriding_url: HttpUrl = HttpUrl("http://127.0.0.1:8080")
     nitriding_timeout: float = Field(10.0, gt=0)
     log_level: str = "INFO"
+    shutdown_grace: float = Field(
+        30.0,
+        ge=0,
+        description="SIGTERM: in-flight requests may finish for this long; then they end with a "
+        "'shutting_down' error, open payment sessions are settled and the process exits",
+    )
     ohttp_rfc9458_test_key: bool = Field(
         False,
         description="dev only: also serve the RFC 9458 Appendix A OHTTP key as key_id 1",

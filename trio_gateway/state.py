@@ -23,7 +23,8 @@ from .providers.registry import ModelRegistry
 from .relay.core import Relay
 from .relay.metering import Meter, UsageLog
 from .relay.wire import UpstreamTransport
-from .services import Service
+from .services import Service, ServiceHost
+from .signing.heartbeat import Heartbeat, HeartbeatConfig
 from .signing.keys import EnclaveKey, Signature
 
 
@@ -98,7 +99,10 @@ class AppState:
     started_at: float = field(default_factory=time.time)
     services: dict[str, Service] = field(default_factory=dict)
     keys_lock: trio.Lock = field(default_factory=trio.Lock)
+    service_host: ServiceHost = field(default_factory=ServiceHost)
+    draining: bool = False  # SIGTERM received: new requests get 503, running ones may finish
     payments: X402Gate | None = None  # None: inference is not paid for (the default)
+    heartbeat: Heartbeat | None = None  # set by /v1/keys with heartbeat_contract_address
 
     @classmethod
     def build(
@@ -142,6 +146,12 @@ class AppState:
             provider_keys=keys,
             ohttp=OHTTPKeys.create(rfc9458_test_key=settings.ohttp_rfc9458_test_key),
         )
+
+    def begin_shutdown(self, grace: float) -> None:
+        """Stop taking new work; running upstream calls end ``grace`` seconds from now at the
+        latest (a second call can only shorten it). Settlement comes later, in after_serving."""
+        self.draining = True
+        self.relay.drain(grace)
 
     @property
     def ready(self) -> bool:
@@ -211,5 +221,25 @@ class AppState:
             "price_feed": gate.feed.run,
             "x402_reconciler": gate.reconcile,
         }
+        self.services.update(services)
+        return services
+
+    # -- heartbeat ------------------------------------------------------------------------------
+
+    def enable_heartbeat(
+        self, config: HeartbeatConfig, *, client: httpx.AsyncClient | None = None
+    ) -> dict[str, Service]:
+        """Build the signed heartbeat (its own HTTP client unless given), keep it on the state
+        and return the service to run; ``after_serving`` closes it."""
+        if self.heartbeat is not None:
+            raise RuntimeError("the heartbeat is already enabled")
+        if client is None:
+            client = httpx.AsyncClient(
+                trust_env=False,
+                follow_redirects=False,
+                timeout=httpx.Timeout(config.facilitator_timeout),
+            )
+        self.heartbeat = Heartbeat(config, self.key, client)
+        services: dict[str, Service] = {"heartbeat": self.heartbeat.run}
         self.services.update(services)
         return services

@@ -30,6 +30,8 @@ from urllib.parse import urlencode
 import httpx
 import trio
 
+from ..relay.wire import BodyTooLarge, read_capped
+
 log = logging.getLogger("trio_gateway.payments.price_feed")
 
 COINGECKO_API = "https://api.coingecko.com/api/v3"
@@ -170,10 +172,10 @@ class PriceFeed:
                     status = resp.status_code
                     body = b""
                     if status == 200:
-                        async for chunk in resp.aiter_bytes():
-                            body += chunk
-                            if len(body) > MAX_BODY:
-                                raise PriceFetchError("the answer is too large")
+                        try:
+                            body = await read_capped(resp, MAX_BODY)
+                        except BodyTooLarge:
+                            raise PriceFetchError("the answer is too large") from None
         except trio.TooSlowError as exc:
             raise PriceFetchError("timed out") from exc
         except httpx.HTTPError as exc:

@@ -21,16 +21,18 @@ Who owns what (one request):
   cancellation reaches ``_upstream`` inside httpx, which closes the TCP connection because an
   HTTP/1.1 stream that was not read to the end is never pooled); a deadline (first byte, idle,
   total); a stalled client; an upstream error.
+* Graceful shutdown (``Relay.drain``): every running and later upstream call gets the end of
+  the grace period as its ``total`` deadline; a call still running then ends like any deadline
+  does, with ``ShuttingDown`` (503 or a final error event, billed for what was delivered).
 * Shielded, each with its own deadline: signing (``sign``; on overrun no final event is sent,
   never an unsigned one) and the metering hook (``settle``; exactly once, in ``finally``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -54,6 +56,7 @@ from .events import (
     UsageReport,
 )
 from .metering import Meter, Outcome, RequestRecord
+from .wire import BodyTooLarge, end_body_iterators, read_capped
 
 log = logging.getLogger("trio_gateway.relay")
 
@@ -79,6 +82,21 @@ class Signer(Protocol):
 class SigningFailed(Unavailable):
     def __init__(self) -> None:
         super().__init__("the answer could not be signed in time", code="signing_unavailable")
+
+
+class ShuttingDown(Unavailable):
+    """The gateway received SIGTERM: new work is refused, and work still running at the end of
+    the grace period is ended with this. Retryable on another instance."""
+
+    headers = {"Retry-After": "1"}
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the gateway is shutting down; retry the request",
+            code="shutting_down",
+            source="gateway",
+            retryable=True,
+        )
 
 
 class _ClientStalled(Exception):
@@ -111,6 +129,23 @@ class Relay:
         self.signer = signer
         self.meter = meter
         self.d = deadlines
+        self.drain_deadline: float | None = None  # set by drain(): the end of the grace period
+        self._total_scopes: set[trio.CancelScope] = set()  # running upstream calls
+
+    def drain(self, grace: float) -> None:
+        """Graceful shutdown: running and later upstream calls end at the latest ``grace``
+        seconds from now (a second call can only bring the end closer). No await: safe from
+        a signal handler task."""
+        end = trio.current_time() + max(0.0, grace)
+        if self.drain_deadline is not None:
+            end = min(end, self.drain_deadline)
+        self.drain_deadline = end
+        for scope in self._total_scopes:
+            scope.deadline = min(scope.deadline, end)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._total_scopes)
 
     # -- entry point: one call per request, in the request's response nursery -------------------
 
@@ -163,11 +198,23 @@ class Relay:
                     nursery.start_soon(self._keepalive, out.clone(), prog)
                 try:
                     with trio.move_on_after(self.d.total) as total:
-                        await self._upstream(job, out, prog, answer)
+                        if self.drain_deadline is not None:
+                            total.deadline = min(total.deadline, self.drain_deadline)
+                        self._total_scopes.add(total)
+                        try:
+                            await self._upstream(job, out, prog, answer)
+                        finally:
+                            self._total_scopes.discard(total)
                     if total.cancelled_caught:
-                        failure = UpstreamTimeout(
-                            "the provider did not finish in time", code="total"
-                        )
+                        if (
+                            self.drain_deadline is not None
+                            and total.deadline >= self.drain_deadline
+                        ):
+                            failure = ShuttingDown()
+                        else:
+                            failure = UpstreamTimeout(
+                                "the provider did not finish in time", code="total"
+                            )
                 except (GatewayError, _ClientStalled) as exc:
                     failure = exc
                 nursery.cancel_scope.cancel()  # the keep-alive task has nothing left to guard
@@ -231,7 +278,7 @@ class Relay:
                             await self._relay(job, events, out, prog, answer, watchdog)
                         await self._relay(job, parser.close(), out, prog, answer, watchdog)
                     except BaseException:
-                        await _end_body_iterators(resp, chunks)
+                        await end_body_iterators(resp, chunks)
                         raise
         except httpx.PoolTimeout:
             raise UpstreamTimeout("no upstream connection free in time", code="pool") from None
@@ -325,38 +372,27 @@ class Relay:
                 await self._emit(out, error_event(err.body()), prog)
             else:
                 data = json_bytes(err.body())
+                extra = tuple(
+                    (k.lower().encode(), v.encode())
+                    for k, v in getattr(err, "headers", {}).items()  # e.g. Retry-After
+                )
                 prog.started = True
-                await self._emit(out, Start(err.status, json_headers(len(data)), data), prog)
+                head = json_headers(len(data)) + extra
+                await self._emit(out, Start(err.status, head, data), prog)
         except (_ClientStalled, trio.BrokenResourceError):
             pass
 
 
 async def _read_capped(resp: httpx.Response, cap: int) -> bytes:
-    buf = bytearray()
-    chunks = resp.aiter_bytes()
-    async for chunk in chunks:
-        buf += chunk
-        if len(buf) > cap:
-            await _end_body_iterators(resp, chunks)
-            raise UpstreamError("the provider answer is too large", code="too_large")
-    return bytes(buf)
-
-
-async def _end_body_iterators(resp: httpx.Response, chunks: AsyncIterator[bytes]) -> None:
-    """httpx's body iterators are a chain of nested async generators (encode/httpx#3686).
-    Stopped between two chunks (a cancelled hand-off, a parse error, a size cap), every layer
-    stays suspended at a ``yield`` and would be garbage-collected un-exhausted (trio warns; an
-    error under ``-W error``). ``aclose()`` on the outer one ends only that layer. So: close the
-    connection first (the upstream sees it at once), then step the chain, so the read error runs
-    through every layer and ends it. Shielded and bounded: this runs while being cancelled."""
-    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-        await resp.aclose()
-        with contextlib.suppress(httpx.HTTPError, httpx.StreamError):
-            async for _ in chunks:
-                pass
+    try:
+        return await read_capped(resp, cap)
+    except BodyTooLarge:
+        raise UpstreamError("the provider answer is too large", code="too_large") from None
 
 
 def _outcome_for(err: GatewayError) -> Outcome:
+    if isinstance(err, ShuttingDown):
+        return Outcome.SHUTDOWN
     if isinstance(err, SigningFailed):
         return Outcome.SIGNING_FAILED
     if isinstance(err, UpstreamTimeout):

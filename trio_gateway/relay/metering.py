@@ -24,6 +24,7 @@ class Outcome(enum.StrEnum):
     UPSTREAM_TIMEOUT = "upstream_timeout"
     SIGNING_FAILED = "signing_failed"
     GATEWAY_ERROR = "gateway_error"
+    SHUTDOWN = "shutdown"  # cut at the end of the shutdown grace period (billed like an error)
 
 
 @dataclass

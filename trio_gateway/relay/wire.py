@@ -10,12 +10,14 @@ Nothing else changes: connect, TLS, reads, cancellation and close are httpcore's
 
 from __future__ import annotations
 
+import contextlib
 import ssl
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import httpcore
 import httpx
+import trio
 
 CORK_LIMIT = 64 << 10
 
@@ -107,3 +109,37 @@ class UpstreamTransport(httpx.AsyncHTTPTransport):
             http2=False,
             network_backend=CorkedBackend(),
         )
+
+
+# -- reading a response body that may be cut short --------------------------------------------
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_capped(resp: httpx.Response, cap: int) -> bytes:
+    """The whole body of a streamed response, at most ``cap`` bytes (``BodyTooLarge`` above;
+    the connection is then closed and the iterators ended, see ``end_body_iterators``)."""
+    buf = bytearray()
+    chunks = resp.aiter_bytes()
+    async for chunk in chunks:
+        buf += chunk
+        if len(buf) > cap:
+            await end_body_iterators(resp, chunks)
+            raise BodyTooLarge(cap)
+    return bytes(buf)
+
+
+async def end_body_iterators(resp: httpx.Response, chunks: AsyncIterator[bytes]) -> None:
+    """httpx's body iterators are a chain of nested async generators (encode/httpx#3686).
+    Stopped between two chunks (a cancelled hand-off, a parse error, a size cap), every layer
+    stays suspended at a ``yield`` and would be garbage-collected un-exhausted (trio warns; an
+    error under ``-W error``). ``aclose()`` on the outer one ends only that layer. So: close the
+    connection first (the upstream sees it at once), then step the chain, so the read error runs
+    through every layer and ends it. Shielded and bounded: this runs while being cancelled."""
+    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+        await resp.aclose()
+        with contextlib.suppress(httpx.HTTPError, httpx.StreamError):
+            async for _ in chunks:
+                pass

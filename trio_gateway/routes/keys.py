@@ -9,23 +9,30 @@ Payments: ``facilitator_url`` + ``pay_to_address`` (+ optional ``network``, CAIP
 ``upto`` payments on inference. The facilitator's ``/supported`` is fetched first (in a thread,
 bounded); if that fails the answer is 502 and nothing at all is installed, so the operator can
 retry. On success the settling meter replaces the relay's meter and the price feed and the
-settlement reconciler start in the app nursery. Without those fields inference stays unpaid.
+settlement reconciler start in the service host. Without those fields inference stays unpaid.
 The whole install runs under ``keys_lock`` (the payment set-up awaits).
+
+Heartbeat: a non-empty ``heartbeat_contract_address`` (0x + 40 hex) starts the signed heartbeat
+(``signing/heartbeat.py``) through the request's ``facilitator_url`` (there is no default
+facilitator: without one the answer is 400 ``heartbeat_needs_facilitator``), with
+``tee_heartbeat_interval`` (default 900 s) and ``tee_heartbeat_buffer`` (default 300 s). Where
+unpaid inference is allowed (dev, ``--allow-unpaid``) a ``facilitator_url`` without
+``pay_to_address`` serves the heartbeat only; otherwise it is an incomplete payment set-up. The
+heartbeat is installed after the payment set-up succeeded, in the same no-await step as the keys.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-from typing import Any, cast
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
-from quart import Blueprint, current_app, request
+from quart import Blueprint, request
 from quart_schema import document_request, tag
-from quart_trio import QuartTrio
 
 from ..api.errors import GatewayError, InvalidRequest
-from ..services import supervise
+from ..signing.heartbeat import DEFAULT_INTERVAL, DEFAULT_TIMESTAMP_BUFFER, HeartbeatConfig
 from . import app_state, json_body, validate
 
 log = logging.getLogger("trio_gateway.keys")
@@ -53,7 +60,7 @@ class KeysRequest(BaseModel):
     facilitator_url: StrictStr | None = Field(None, max_length=2048)
     pay_to_address: StrictStr | None = Field(None, pattern=r"^0x[0-9a-fA-F]{40}$")
     network: StrictStr | None = Field(None, pattern=r"^eip155:[0-9]{1,12}$")
-    heartbeat_contract_address: StrictStr | None = Field(None, max_length=64)
+    heartbeat_contract_address: StrictStr | None = Field(None, pattern=r"^(0x[0-9a-fA-F]{40})?$")
     tee_heartbeat_interval: int | None = Field(None, ge=10, le=86400)
     tee_heartbeat_buffer: int | None = Field(None, ge=0, le=3600)
 
@@ -112,8 +119,14 @@ async def install_keys() -> dict[str, Any]:
             f"this gateway build has no adapter for: {', '.join(unsupported)}",
             code="unsupported_provider",
         )
-    wants_payments = bool(body.facilitator_url or body.pay_to_address)
-    if not wants_payments and not st.settings.dev and not st.settings.allow_unpaid:
+    unpaid_allowed = st.settings.dev or st.settings.allow_unpaid
+    wants_heartbeat = bool(body.heartbeat_contract_address)
+    # a facilitator without pay_to serves the heartbeat only, and only where unpaid is allowed
+    heartbeat_only = wants_heartbeat and unpaid_allowed and not body.pay_to_address
+    wants_payments = bool(body.pay_to_address) or (
+        bool(body.facilitator_url) and not heartbeat_only
+    )
+    if not wants_payments and not unpaid_allowed:
         raise InvalidRequest(
             "production inference is paid: facilitator_url and pay_to_address are required "
             "(or start the gateway with --allow-unpaid for a private deployment)",
@@ -123,18 +136,46 @@ async def install_keys() -> dict[str, Any]:
         raise InvalidRequest(
             "payments need both facilitator_url and pay_to_address", code="incomplete_payments"
         )
-    if (
-        wants_payments
-        and body.facilitator_url
-        and not body.facilitator_url.startswith(("http://", "https://"))
-    ):
-        raise InvalidRequest("facilitator_url must be an http(s) URL", code="invalid_value")
+    if body.facilitator_url and not body.facilitator_url.startswith(("http://", "https://")):
+        raise InvalidRequest(
+            "facilitator_url must be an http(s) URL", param="facilitator_url", code="invalid_value"
+        )
+    heartbeat: HeartbeatConfig | None = None
+    if wants_heartbeat:
+        if not body.facilitator_url:
+            raise InvalidRequest(
+                "the heartbeat is relayed by the facilitator: facilitator_url is required",
+                param="facilitator_url",
+                code="heartbeat_needs_facilitator",
+            )
+        assert body.heartbeat_contract_address
+        try:
+            heartbeat = HeartbeatConfig(
+                contract_address=body.heartbeat_contract_address,
+                facilitator_url=body.facilitator_url,
+                interval=float(body.tee_heartbeat_interval or DEFAULT_INTERVAL),
+                timestamp_buffer=(
+                    DEFAULT_TIMESTAMP_BUFFER
+                    if body.tee_heartbeat_buffer is None
+                    else body.tee_heartbeat_buffer
+                ),
+            )
+        except ValueError as exc:
+            raise InvalidRequest(f"heartbeat: {exc}", code="invalid_value") from None
     async with st.keys_lock:  # the payment set-up awaits: one installer at a time
         if st.provider_keys.installed:  # re-check: json_body() awaited
             raise GatewayError(
                 "Provider keys have already been initialized",
                 status=409,
                 code="already_initialized",
+            )
+        needs_services = (wants_payments and st.payments is None) or heartbeat is not None
+        if needs_services and not st.service_host.running:  # never half-install
+            raise GatewayError(
+                "the gateway is not serving yet (or shutting down); retry",
+                status=503,
+                type="service_unavailable",
+                code="not_serving",
             )
         if wants_payments and st.payments is None:
             assert body.facilitator_url and body.pay_to_address
@@ -154,17 +195,20 @@ async def install_keys() -> dict[str, Any]:
                     code="facilitator_unavailable",
                 ) from None
             for name, service in st.enable_payments(gate).items():
-                nursery = cast(QuartTrio, current_app).nursery
-                nursery.start_soon(supervise, name, service, name=f"service:{name}")
+                st.service_host.start(name, service)
             log.info("x402 payments enabled on %s", gate.settings.network)
         # All checks passed: install in one step (no await between here and the flag).
+        if heartbeat is not None and st.heartbeat is None:
+            for name, service in st.enable_heartbeat(heartbeat).items():
+                st.service_host.start(name, service)
+            log.info("heartbeat enabled every %g s", heartbeat.interval)
         st.provider_keys.keys = dict(new)
         st.provider_keys.installed = True
     log.info("provider keys installed for: %s", ", ".join(sorted(new)))
     out: dict[str, Any] = {
         "status": "ok",
         "providers_initialized": sorted(new),
-        "heartbeat_enabled": False,
+        "heartbeat_enabled": st.heartbeat is not None,
     }
     if st.payments is not None:
         out["payments_enabled"] = True
