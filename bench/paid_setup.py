@@ -3,7 +3,8 @@
 * ``facilitator --port P``: the test suite's loopback x402 facilitator
   (``tests/test_payments_x402``: the SDK's upto facilitator over an in-memory chain, real
   signatures), the bench payer funded;
-  also serves the OPG/USD price at ``/price`` and its call counters at ``/_stats``.
+  also serves the OPG/USD price at ``/price`` and, at ``/_stats``, its call counters and what
+  moved on the chain (``settle_txs``, ``settled_units``).
 * ``session --url GW``: one paid request with the x402 SDK client (402 -> sign -> 200); prints
   the ``X-Upto-Session`` id.
 * ``compare UNPAID.jsonl PAID.jsonl [--stats URL]``: paid - unpaid latency and CPU per request.
@@ -33,7 +34,16 @@ def facilitator(port: int) -> None:
     class Handler(px._Handler):
         def do_GET(self) -> None:
             if self.path == "/_stats":
-                return self._send(200, dict(self.server.calls))
+                with chain.lock:  # what actually moved on the (fake) chain
+                    settled = [amount for kind, amount in chain.txs.values() if kind == "settle"]
+                return self._send(
+                    200,
+                    {
+                        **self.server.calls,
+                        "settle_txs": len(settled),
+                        "settled_units": sum(settled),
+                    },
+                )
             return super().do_GET()
 
     chain = px.FakeChain()
