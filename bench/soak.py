@@ -293,14 +293,19 @@ async def soak(a: argparse.Namespace) -> int:
             if get_json(f"{gw}/health")["payments"]["price_feed"].get("price_usd"):
                 break
             await trio.sleep(0.1)
-        sessions = []
-        for _ in range(a.sessions):
-            r = subprocess.run(  # noqa: ASYNC221
-                pinned(1, [PY, str(ROOT / "bench" / "paid_setup.py"), "session", "--url", gw,
-                           "--model", MODEL]),
-                capture_output=True, cwd=ROOT, check=True,
-            )  # fmt: skip
-            sessions.append(r.stdout.decode().strip())
+
+        def open_sessions() -> list[str]:
+            out = []
+            for _ in range(a.sessions):
+                r = subprocess.run(
+                    pinned(1, [PY, str(ROOT / "bench" / "paid_setup.py"), "session", "--url", gw,
+                               "--model", MODEL]),
+                    capture_output=True, cwd=ROOT, check=True,
+                )  # fmt: skip
+                out.append(r.stdout.decode().strip())
+            return out
+
+        sessions = open_sessions()
         print(f"{len(sessions)} x402 sessions open; gateway pid {gpid}", flush=True)
 
         counts = Counts()
@@ -316,6 +321,8 @@ async def soak(a: argparse.Namespace) -> int:
             base = proc_sample(gpid)
             print(f"baseline idle: {base}", flush=True)
             phase[0] = "soak"
+            # idle sessions were settled and closed during the idle phase: a client opens new ones
+            sessions = await trio.to_thread.run_sync(open_sessions)
             t_soak = time.monotonic()
             await load(gw_port, sessions, a.concurrency, a.minutes * 60, counts, a.seed + 1)
             t_end = time.monotonic()

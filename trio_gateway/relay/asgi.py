@@ -71,8 +71,28 @@ class RelayResponse(Response):
         self.timeout = None  # our own deadlines apply, never Quart's RESPONSE_TIMEOUT
 
 
+# The last ``send`` of a response: Hypercorn ends the message and, for a client that asked for
+# ``Connection: close`` (or HTTP/1.0), closes the connection inside this very call. quart-trio
+# cancels the request task as soon as the server reports the client gone, which happens during
+# that same close, so the close itself was cancelled halfway and the socket stayed open until
+# the client hung up (measured: for ever, for a client that waits for EOF). Shielded, bounded.
+FINAL_SEND_BOUND = 5.0
+
+
+def _shield_final_send(send: ASGISendCallable) -> ASGISendCallable:
+    async def wrapped(message: Any) -> None:
+        if message.get("type") == "http.response.body" and not message.get("more_body", False):
+            with trio.move_on_after(FINAL_SEND_BOUND, shield=True):
+                await send(message)
+        else:
+            await send(message)
+
+    return wrapped
+
+
 class RelayHTTPConnection(TrioASGIHTTPConnection):
     async def _send_response(self, send: ASGISendCallable, response: Any) -> None:
+        send = _shield_final_send(send)
         if not isinstance(response, RelayResponse):
             await super()._send_response(send, response)
             return
