@@ -27,7 +27,7 @@ from hypercorn.trio import serve
 
 from trio_gateway.app import create_app
 from trio_gateway.config import Deadlines, Settings
-from trio_gateway.server import hypercorn_config
+from trio_gateway.server import hypercorn_config, note_operator_endpoint
 from trio_gateway.signing.keys import EnclaveKey
 from trio_gateway.state import AppState
 
@@ -61,13 +61,20 @@ def make_state(
 
 async def start_gateway(nursery: trio.Nursery, state: AppState) -> str:
     """Serve the app with Hypercorn's trio worker on 127.0.0.1:<free port>; return the base URL.
-    The server lives in ``nursery`` (pytest-trio cancels it at teardown)."""
+    With ``operator_port`` set (0: any free port), the operator listener is bound too and
+    recorded on the state (``state.operator_endpoint``). The server lives in ``nursery``
+    (pytest-trio cancels it at teardown)."""
     app = create_app(state)
+    s = state.settings
     cfg = hypercorn_config(
-        "127.0.0.1", 0, tcp_user_timeout=state.settings.deadlines.client_stall + 0.5
+        "127.0.0.1",
+        0,
+        operator=(s.operator_host, s.operator_port) if s.operator_port is not None else None,
+        tcp_user_timeout=s.deadlines.client_stall + 0.5,
     )
     cfg.graceful_timeout = 0.5
     binds: list[str] = await nursery.start(partial(serve, app, cfg))
+    note_operator_endpoint(state, binds)
     return binds[0]
 
 

@@ -38,6 +38,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to listen on (default 8000; 0 = any free)")
+    p.add_argument(
+        "--operator-port",
+        type=int,
+        help="a second listener for the operator: the only place POST /v1/keys is accepted "
+        "(in an enclave: the host's loopback-only forward; nitriding never proxies to it)",
+    )
+    p.add_argument("--operator-host", help="address of the operator listener (0.0.0.0)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR (default INFO)")
     p.add_argument("--max-body-bytes", type=int, help="request body cap, 413 above (20 MiB)")
     p.add_argument(
@@ -107,6 +114,8 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         "dev",
         "host",
         "port",
+        "operator_host",
+        "operator_port",
         "log_level",
         "max_body_bytes",
         "max_upstream_connections",

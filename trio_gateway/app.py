@@ -19,13 +19,15 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from . import __version__
-from .api.errors import GatewayError, error_body
+from .api.errors import GatewayError, NotFound, error_body
 from .relay.asgi import RelayHTTPConnection
 from .relay.core import ShuttingDown
 from .routes import inference, keys, meta, ohttp
 from .state import AppState
 
 log = logging.getLogger("trio_gateway.app")
+
+OPERATOR_PATHS = frozenset({"/v1/keys", "/health", "/signing-key", "/heartbeat/status"})
 
 _HTTP_CODES = {
     404: ("invalid_request_error", "not_found"),
@@ -63,7 +65,12 @@ def create_app(state: AppState) -> QuartTrio:
     app.register_blueprint(ohttp.bp)
 
     @app.before_request
-    async def _refuse_when_draining() -> None:
+    async def _gate() -> None:
+        # the operator listener serves key injection and a few reads, nothing else
+        op = state.operator_endpoint
+        server = request.scope.get("server")
+        if op is not None and server and server[1] == op[1] and request.path not in OPERATOR_PATHS:
+            raise NotFound("not served on the operator listener", code="not_found")
         # after SIGTERM: running requests may finish, new work is refused (reads still answer)
         if state.draining and request.method not in ("GET", "HEAD", "OPTIONS"):
             raise ShuttingDown()

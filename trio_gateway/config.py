@@ -38,6 +38,17 @@ class Settings(BaseSettings):
     dev: bool = Field(False, description="dev mode: embedded mock model, env keys, no nitriding")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    operator_host: str = Field(
+        "0.0.0.0",
+        description="address of the operator listener (only with operator_port)",
+    )
+    operator_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="a second listener, the only place POST /v1/keys is accepted: in an enclave "
+        "it is reached through the host's loopback-only port forward, never through nitriding",
+    )
     max_body_bytes: int = Field(20 << 20, gt=0, description="request body cap (413 above)")
     max_upstream_connections: int = Field(1024, gt=0)
     max_keepalive_connections: int = Field(128, ge=0)
@@ -164,6 +175,8 @@ class Settings(BaseSettings):
             for provider in PROVIDERS:
                 setattr(self, f"{provider}_api_key", None)
             self.env_keys_ignored = True
+        if self.operator_port and self.operator_port == self.port:
+            raise ValueError("operator_port must differ from port")
         d = self.deadlines
         if d.keepalive >= d.idle and d.keepalive >= d.client_stall:
             raise ValueError("deadlines.keepalive must be shorter than idle or client_stall")

@@ -58,15 +58,22 @@ class GatewayConfig(Config):
         return sockets
 
 
+def _bind(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def hypercorn_config(
     host: str,
     port: int,
     *,
+    operator: tuple[str, int] | None = None,
     shutdown_grace: float = 30.0,
     tcp_user_timeout: float | None = None,
 ) -> GatewayConfig:
     cfg = GatewayConfig()
-    cfg.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    cfg.bind = [_bind(host, port)]
+    if operator is not None:  # second, so that it is the second of the reported binds
+        cfg.bind.append(_bind(*operator))
     cfg.accesslog = None
     cfg.errorlog = logging.getLogger("hypercorn.error")
     cfg.keep_alive_timeout = 75  # above typical proxy idle timeouts (nitriding's Go proxy: 60 s)
@@ -76,6 +83,17 @@ def hypercorn_config(
     cfg.include_server_header = False
     cfg.tcp_user_timeout = tcp_user_timeout
     return cfg
+
+
+def note_operator_endpoint(state: AppState, binds: list[str]) -> None:
+    """Record where the operator listener ended up (its port may have been 0). Hypercorn reports
+    binds in ``cfg.bind`` order: the public listener first, the operator listener second."""
+    s = state.settings
+    if s.operator_port is None:
+        return
+    if len(binds) != 2:
+        raise RuntimeError(f"expected the public and the operator listener, got {binds}")
+    state.operator_endpoint = (s.operator_host, int(binds[1].rsplit(":", 1)[1]))
 
 
 async def _watch_signals(
@@ -109,6 +127,7 @@ async def run_server(
     cfg = hypercorn_config(
         s.host,
         s.port,
+        operator=(s.operator_host, s.operator_port) if s.operator_port is not None else None,
         shutdown_grace=s.shutdown_grace,
         # after the relay's own stall deadline, so that one fires first and meters the request
         tcp_user_timeout=s.deadlines.client_stall + STALL_MARGIN,
@@ -122,8 +141,16 @@ async def run_server(
             nursery.cancel_scope.cancel()  # the signal watcher has nothing left to do
 
         binds: list[str] = await nursery.start(_serve)
+        note_operator_endpoint(state, binds)
         for b in binds:
             log.info("listening on %s", b)
+        if state.operator_endpoint is not None:
+            log.info("operator listener (POST /v1/keys) on port %d", state.operator_endpoint[1])
+        elif not s.dev:
+            log.warning(
+                "no --operator-port: POST /v1/keys is accepted from loopback peers that did not "
+                "come through a proxy; in an enclave, run with an operator listener"
+            )
         if s.nitriding:
             await register_with_nitriding(
                 state.client, str(s.nitriding_url), state.key, deadline=s.nitriding_timeout

@@ -100,6 +100,8 @@ class AppState:
     services: dict[str, Service] = field(default_factory=dict)
     keys_lock: trio.Lock = field(default_factory=trio.Lock)
     service_host: ServiceHost = field(default_factory=ServiceHost)
+    # the operator listener's (host, port) once bound; None: there is none (see routes/keys.py)
+    operator_endpoint: tuple[str, int] | None = None
     draining: bool = False  # SIGTERM received: new requests get 503, running ones may finish
     payments: X402Gate | None = None  # None: inference is not paid for (the default)
     heartbeat: Heartbeat | None = None  # set by /v1/keys with heartbeat_contract_address

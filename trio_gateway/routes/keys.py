@@ -1,9 +1,17 @@
 """``POST /v1/keys``: one-time injection of provider keys and configuration, loopback only.
 
-The peer is the TCP peer address Hypercorn saw (``scope["client"]``), never a header: nitriding
-proxies public traffic from 127.0.0.1 too, so in an enclave the operator must reach this through
-the host's loopback-only port forward to :8000 (see SECURITY.md). Checks in order: loopback (403),
-already initialised (409), body (400); the install itself has no await, so it is atomic.
+Who may call it (checked first, 403 otherwise; see SECURITY.md):
+
+* With an operator listener (``--operator-port``; what ``scripts/start.sh`` runs in an enclave):
+  only requests that arrived on that listener, whatever the peer. Inside the enclave nitriding
+  proxies every public request to the public listener from 127.0.0.1, so a loopback peer proves
+  nothing there; the operator listener is reached only through the host's loopback-only port
+  forward (gvproxy, whose address is the peer), and nitriding never proxies to it.
+* Without one (dev, a private deployment outside an enclave): a loopback TCP peer
+  (``scope["client"]``, never a header) whose request carries no proxy header
+  (``X-Forwarded-For``, ``Forwarded``, ``X-Real-IP``: nitriding's proxy always adds the first).
+
+Then: already initialised (409), body (400); the install itself has no await, so it is atomic.
 
 Payments: ``facilitator_url`` + ``pay_to_address`` (+ optional ``network``, CAIP-2) enable x402
 ``upto`` payments on inference. The facilitator's ``/supported`` is fetched first (in a thread,
@@ -83,20 +91,39 @@ def _is_loopback(addr: str | None) -> bool:
         return False
 
 
+PROXY_HEADERS = ("x-forwarded-for", "forwarded", "x-real-ip")
+
+
+def _refusal(operator: tuple[str, int] | None, scope: Any, headers: Any) -> tuple[str, str] | None:
+    """(code, message) when this request may not inject keys; None when it may."""
+    if operator is not None:
+        server = scope.get("server")
+        if not server or server[1] != operator[1]:
+            return (
+                "operator_listener_only",
+                "key injection is accepted on the operator listener only",
+            )
+        return None
+    client = scope.get("client")
+    if not _is_loopback(client[0] if client else None):
+        return ("not_loopback", "key injection is accepted from the loopback interface only")
+    if any(h in headers for h in PROXY_HEADERS):
+        return (
+            "proxied",
+            "key injection is not accepted through a proxy (in an enclave, use the operator "
+            "listener: --operator-port)",
+        )
+    return None
+
+
 @bp.post("/v1/keys")
 @tag(["operator"])
 @document_request(KeysRequest)
 async def install_keys() -> dict[str, Any]:
     st = app_state()
-    client = request.scope.get("client")
-    peer = client[0] if client else None
-    if not _is_loopback(peer):
-        raise GatewayError(
-            "key injection is accepted from the loopback interface only",
-            status=403,
-            type="permission_error",
-            code="not_loopback",
-        )
+    refusal = _refusal(st.operator_endpoint, request.scope, request.headers)
+    if refusal is not None:
+        raise GatewayError(refusal[1], status=403, type="permission_error", code=refusal[0])
     if st.provider_keys.installed:
         raise GatewayError(
             "Provider keys have already been initialized",
