@@ -742,14 +742,16 @@ async def test_permit_deadline_margins(
 
 
 async def test_unsettled_session_past_the_abandon_margin_is_counted_lost(
-    enclave_key: EnclaveKey, mock_clock: trio.testing.MockClock
+    enclave_key: EnclaveKey, mock_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The facilitator down through the whole settle window: the debt is counted lost (and
-    logged CRITICAL), never settled late or twice."""
+    logged CRITICAL, with the session's fingerprint, never its id: a bearer secret), never
+    settled late or twice."""
     p = await started(enclave_key, mock_clock)
     sig = await p.sign()
     deadline = _permit_deadline(sig)
     owed = await _one_paid_request_with(p, sig)
+    (sid,) = list(p.gate._permits)
 
     async def down(payload: Any, requirements: Any) -> Any:
         p.fac.calls["settle"] += 1
@@ -763,9 +765,34 @@ async def test_unsettled_session_past_the_abandon_margin_is_counted_lost(
     await p.gate.settle_due()
     assert p.ledger.total_lost == owed and p.ledger.abandoned == 1 and len(p.ledger) == 0
     assert p.paid == 0
+    assert "abandoned" in caplog.text and sid not in caplog.text  # SECURITY F6
 
 
 async def _one_paid_request_with(p: Paid, sig: str) -> int:
     r = await post(p, chat(), {PAYMENT_SIGNATURE: sig})
     assert r.status == 200, r.body[:300]
     return p.ledger.total_charged
+
+
+async def test_shutdown_settlement_is_bounded_in_all(
+    enclave_key: EnclaveKey, mock_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SECURITY F4: each settle is shielded with its own deadline, so the shutdown's overall
+    bound used to be ignored (3 sessions x 5 s settle deadline = 15 s against a 2 s bound).
+    Now every settle is bounded by what is left of the shutdown's time, and what is left
+    unsettled is logged CRITICAL with its amount."""
+    import dataclasses
+
+    p = await started(enclave_key, mock_clock, settle_timeout=5.0)
+    p.gate.settings = dataclasses.replace(p.gate.settings, shutdown_timeout=2.0)
+    for _ in range(3):  # three permits, three sessions
+        r = await post(p, chat(), {PAYMENT_SIGNATURE: await p.sign()})
+        assert r.status == 200, r.body[:300]
+    assert p.ledger.status()["open_sessions"] == 3
+    p.fac.rtt = 10.0  # a facilitator that takes 10 s per settle
+    t0 = trio.current_time()
+    await p.gate.shutdown()
+    took = trio.current_time() - t0
+    assert took == pytest.approx(2.0, abs=0.05), f"shutdown took {took:.2f} s"
+    assert p.fac.landed == [] and p.paid == 0
+    assert "shutdown deadline: 2 sessions unsettled" in caplog.text

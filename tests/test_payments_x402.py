@@ -633,3 +633,47 @@ async def test_dev_payments_flag(
         assert r.status_code == 402 and "PAYMENT-REQUIRED" in r.headers
     await gate.aclose()
     await gate.feed.client.aclose()
+
+
+async def test_concurrent_first_uses_of_one_permit_open_one_session(world: World) -> None:
+    """SECURITY F1: k requests racing with the same fresh permit used to verify k times and open
+    k full-cap sessions (k x cap of service for one permit that settles once). Now the first
+    opens the session and the others, waiting on it, join that session."""
+    async with httpx.AsyncClient(base_url=world.base, timeout=20) as plain:
+        r = await plain.post("/v1/chat/completions", json=chat(max_tokens=5))
+        sig = await world.sign(r.headers["PAYMENT-REQUIRED"])
+        world.fac.verify_delay = 0.3  # every racer is inside the window
+        answers: list[httpx.Response] = []
+
+        async def use() -> None:
+            answers.append(
+                await plain.post(
+                    "/v1/chat/completions",
+                    json=chat(max_tokens=5),
+                    headers={"PAYMENT-SIGNATURE": sig},
+                )
+            )
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(use)
+        world.fac.verify_delay = 0.0
+    assert [a.status_code for a in answers] == [200] * 5, [a.text for a in answers]
+    assert len({a.headers["X-Upto-Session"] for a in answers}) == 1
+    assert world.fac.calls["verify"] == 1
+    assert world.gate.stats.sessions_opened == 1
+    charged = sum(world.cost(a.json()["usage"]) for a in answers)
+    await world.settled()
+    assert world.paid == charged == world.gate.ledger.total_settled
+
+
+def test_facilitator_strings_cannot_forge_log_lines() -> None:
+    """SECURITY F11: job ids, tx hashes and error strings come from the facilitator; in a log
+    line they are escaped (no newline, no terminal escape) and truncated."""
+    from trio_gateway.payments.x402_gate import _printable
+
+    hostile = "ok\n2026-01-01 00:00:00.000 [INFO] forged: settled\x1b[2J" + "x" * 500
+    out = _printable(hostile)
+    assert "\n" not in out and "\x1b" not in out and "\\n" in out and "\\x1b" in out
+    assert len(out) <= 200 + 40 and out.endswith("…")
+    assert _printable(None) == "" and _printable("0xabc") == "0xabc"

@@ -121,7 +121,8 @@ def create_app(state: AppState) -> QuartTrio:
     async def _close_client() -> None:
         # services first (price feed, reconciler, heartbeat): nothing may still use a client
         # that is closed below, and the shutdown settlement must not race the reconciler
-        if not await state.service_host.stop():
+        # (a reconciler settle in flight is shielded for up to the settle deadline: wait for it)
+        if not await state.service_host.stop(state.settings.deadlines.settle + 2.0):
             log.error("background services did not stop in time")
         if state.heartbeat is not None:
             await state.heartbeat.aclose()  # stops it first, then closes its client

@@ -397,7 +397,7 @@ class SessionLedger:
                         self.total_lost += s.charged
                         log.critical(
                             "session %s abandoned: %d units unsettled at its permit deadline",
-                            s.session_id,
+                            session_tag(s.session_id),
                             s.charged,
                         )
                     self.abandoned += 1

@@ -84,10 +84,13 @@ class SettlingMeter:
 
     async def abandon(self, request_id: str) -> None:
         """The request never reached the relay: free its reservation."""
-        paid = self._pending.pop(request_id, None)
-        self._registered_at.pop(request_id, None)
-        if paid is not None:
+        paid = self._pending.get(request_id)
+        if paid is None:
+            return
+        with trio.CancelScope(shield=True):  # forgotten only once released (SECURITY F7)
             await self.ledger.release(paid.reservation)
+        self._pending.pop(request_id, None)
+        self._registered_at.pop(request_id, None)
 
     async def reap_orphans(self, max_age: float) -> int:
         """Release reservations whose request never reached the relay (the client left between

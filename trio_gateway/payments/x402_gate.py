@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import secrets
 import warnings
 from collections import OrderedDict
@@ -175,6 +176,13 @@ class Stats:
     extra: dict[str, int] = field(default_factory=dict)
 
 
+def _printable(value: object, limit: int = 200) -> str:
+    """A facilitator-controlled string for a log line: truncated, non-ASCII and control
+    characters escaped, so it cannot forge or split log lines (SECURITY F11)."""
+    text = "" if value is None else str(value)
+    return ascii(text[:limit])[1:-1] + ("…" if len(text) > limit else "")
+
+
 def _norm(addr: str) -> str:
     return addr.lower()
 
@@ -215,6 +223,7 @@ class X402Gate:
         self._permits: dict[str, _Permit] = {}  # session id -> the verified permit
         self._by_header: OrderedDict[str, str] = OrderedDict()  # sha256(header) -> session id
         self._by_nonce: OrderedDict[tuple[str, str], str] = OrderedDict()  # (payer, nonce) -> sid
+        self._opening: dict[tuple[str, str], trio.Event] = {}  # permits being verified/opened
         self._remember = remember
         self.stats = Stats()
         self.initialized = False
@@ -390,7 +399,7 @@ class X402Gate:
                 raise ValueError("x402 v1 payload")
             auth = decoded.payload["permit2Authorization"]
             nonce = str(int(auth["nonce"]))
-            deadline = int(auth["deadline"])
+            int(auth["deadline"])  # present and an integer (read again when opening)
         except Exception:
             raise await self._refuse(
                 "The payment header is not a valid x402 v2 payment.", url, path
@@ -398,6 +407,31 @@ class X402Gate:
         req = self.server.find_matching_requirements([self.requirements], decoded)
         if req is None:
             raise await self._refuse("The payment does not match the offered terms.", url, path)
+        # One opening per permit at a time (keyed by the claimed payer and the Permit2 nonce,
+        # checked against the verified payer below): without this, k concurrent first uses of
+        # one permit each verified and opened a full-cap session of their own, k x cap of
+        # service for one permit that settles once. Later ones wait, then find its session.
+        claim = (_norm(str(auth["from"])), nonce)
+        while (opening := self._opening.get(claim)) is not None:
+            await opening.wait()
+        existing = self._by_nonce.get(claim)
+        if existing is not None:  # same permit (perhaps differently encoded): the same session
+            if existing not in self._permits:
+                raise await self._refuse("Session expired or exhausted.", url, path)
+            self._remember_header(header, existing)
+            return existing
+        done = trio.Event()
+        self._opening[claim] = done
+        try:
+            return await self._verify_and_open_once(header, decoded, req, auth, nonce, url, path)
+        finally:
+            del self._opening[claim]
+            done.set()
+
+    async def _verify_and_open_once(
+        self, header: str, decoded: Any, req: Any, auth: Any, nonce: str, url: str, path: str
+    ) -> str:
+        deadline = int(auth["deadline"])
         self.stats.verifies += 1
         try:
             with trio.fail_after(self.settings.verify_timeout):
@@ -457,8 +491,9 @@ class X402Gate:
 
     # -- settlement -----------------------------------------------------------------------------
 
-    async def settle_one(self, session_id: str, amount: int) -> bool:
-        """Settle one claimed session (shielded, bounded). True when it is final."""
+    async def settle_one(self, session_id: str, amount: int, *, deadline: float = math.inf) -> bool:
+        """Settle one claimed session (shielded, bounded by ``settle_timeout`` and by
+        ``deadline``, an absolute trio time). True when it is final."""
         permit = self._permits.get(session_id)
         if permit is None:
             log.error("no permit for session %s: cannot settle", session_tag(session_id))
@@ -468,7 +503,8 @@ class X402Gate:
         error: str | None = None
         tx: str | None = None
         with trio.CancelScope(shield=True):
-            with trio.move_on_after(self.settings.settle_timeout):
+            end = min(trio.current_time() + self.settings.settle_timeout, deadline)
+            with trio.move_on_at(end):
                 try:
                     job = self._jobs.get(session_id)
                     if job is None:  # no job pending from an earlier round: (re-)drive it
@@ -484,7 +520,7 @@ class X402Gate:
                             log.info(
                                 "session %s: settle accepted as job %s",
                                 session_tag(session_id),
-                                job,
+                                _printable(job),
                             )
                     if job is not None:
                         ok, tx, error = await self._await_job(session_id, job)
@@ -498,7 +534,9 @@ class X402Gate:
             if spent and session_id in self._uncertain:
                 # an earlier attempt of ours landed but its answer was lost: final
                 log.warning(
-                    "session %s already settled on chain (%s)", session_tag(session_id), error
+                    "session %s already settled on chain (%s)",
+                    session_tag(session_id),
+                    _printable(error),
                 )
                 ok = True
             elif spent:
@@ -513,13 +551,17 @@ class X402Gate:
                 self.stats.settles += 1
                 self.stats.settled_units += amount
                 self.last_settle_tx = tx
-                log.info("session %s settled %d (tx %s)", session_tag(session_id), amount, tx)
+                log.info(
+                    "session %s settled %d (tx %s)", session_tag(session_id), amount, _printable(tx)
+                )
                 await self.ledger.mark_settled(session_id, amount)
                 self._forget(session_id)
             else:
                 self.stats.settle_failures += 1
-                self.last_settle_error = error
-                log.warning("settle of session %s failed: %s", session_tag(session_id), error)
+                self.last_settle_error = _printable(error)
+                log.warning(
+                    "settle of session %s failed: %s", session_tag(session_id), _printable(error)
+                )
                 await self.ledger.settle_failed(session_id)
         return ok
 
@@ -536,7 +578,10 @@ class X402Gate:
             return True, status.transaction, None
         self.stats.settle_jobs_failed += 1
         log.warning(
-            "settle job %s of session %s: %s", job, session_tag(session_id), status.state.value
+            "settle job %s of session %s: %s",
+            _printable(job),
+            session_tag(session_id),
+            status.state.value,
         )
         return False, None, f"settle_job_{status.state.value}: {status.error or ''}".rstrip(": ")
 
@@ -576,13 +621,25 @@ class X402Gate:
             await sleep(delay)
 
     async def shutdown(self) -> None:
-        """Close every session and settle what is owed, within ``shutdown_timeout``."""
-        with trio.CancelScope(shield=True), trio.move_on_after(self.settings.shutdown_timeout):
+        """Close every session and settle what is owed, within ``shutdown_timeout`` in all
+        (each settle is shielded and bounded by what is left of it, SECURITY F4). What cannot
+        be settled in time is lost with the process: logged CRITICAL with the amount."""
+        end = trio.current_time() + self.settings.shutdown_timeout
+        with trio.CancelScope(shield=True), trio.move_on_at(end):
             due = await self.ledger.close_all()
-            for d in due:
-                await self.settle_one(d.session_id, d.amount)
+            settled = 0
+            for i, d in enumerate(due):
+                if trio.current_time() >= end:
+                    left = due[i:]
+                    log.critical(
+                        "shutdown deadline: %d sessions unsettled, %d units lost",
+                        len(left),
+                        sum(x.amount for x in left),
+                    )
+                    break
+                settled += await self.settle_one(d.session_id, d.amount, deadline=end)
             if due:
-                log.info("shutdown: settled %d payment sessions", len(due))
+                log.info("shutdown: settled %d of %d payment sessions", settled, len(due))
 
     def status(self) -> dict[str, Any]:
         s = self.stats

@@ -35,6 +35,7 @@ import ipaddress
 import logging
 from typing import Any
 
+import trio
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 from quart import Blueprint, request
 from quart_schema import document_request, tag
@@ -211,9 +212,12 @@ async def install_keys() -> dict[str, Any]:
             )
             try:
                 await gate.initialize()  # GET /supported, in a thread, bounded
-            except Exception as exc:
-                await gate.aclose()
-                await gate.feed.client.aclose()
+            except BaseException as exc:  # incl. the operator hanging up: close what we opened
+                with trio.CancelScope(shield=True):
+                    await gate.aclose()
+                    await gate.feed.client.aclose()
+                if not isinstance(exc, Exception):
+                    raise
                 log.error("payment facilitator set-up failed (%s)", type(exc).__name__)
                 raise GatewayError(
                     "the payment facilitator could not be reached or does not support upto "
