@@ -677,3 +677,48 @@ def test_facilitator_strings_cannot_forge_log_lines() -> None:
     assert "\n" not in out and "\x1b" not in out and "\\n" in out and "\\x1b" in out
     assert len(out) <= 200 + 40 and out.endswith("…")
     assert _printable(None) == "" and _printable("0xabc") == "0xabc"
+
+
+async def test_402_amplification_is_bounded(world: World) -> None:
+    """SECURITY F8: a payment header the facilitator rejected is refused again without a
+    second /verify; and no more than ``max_concurrent_verifies`` verifies run at once (503
+    ``verify_busy`` beyond), so garbage cannot turn into unbounded facilitator traffic."""
+    async with httpx.AsyncClient(base_url=world.base, timeout=20) as plain:
+        r = await plain.post("/v1/chat/completions", json=chat(max_tokens=5))
+        good = await world.sign(r.headers["PAYMENT-REQUIRED"])
+        payload = decode_payment_signature_header(good)
+        assert isinstance(payload, PaymentPayload)
+        raw = payload.model_dump(by_alias=True)
+        sig = raw["payload"]["signature"]
+        raw["payload"]["signature"] = sig[:-4] + ("0000" if sig[-4:] != "0000" else "1111")
+        bad_sig = base64.b64encode(json.dumps(raw).encode()).decode()
+        for _ in range(5):
+            r = await plain.post(
+                "/v1/chat/completions",
+                json=chat(max_tokens=5),
+                headers={"PAYMENT-SIGNATURE": bad_sig},
+            )
+            assert r.status_code == 402
+        assert world.fac.calls["verify"] == 1
+        assert world.gate.stats.verify_failures_cached == 4
+
+        # one verify slot, a slow facilitator, two fresh permits at once: one waits for nobody
+        world.gate._verify_slots = trio.Semaphore(1)
+        world.fac.verify_delay = 0.5
+        sigs = [await world.sign(r.headers["PAYMENT-REQUIRED"]) for _ in range(2)]
+        statuses: list[int] = []
+
+        async def pay(s: str) -> None:
+            resp = await plain.post(
+                "/v1/chat/completions", json=chat(max_tokens=5), headers={"PAYMENT-SIGNATURE": s}
+            )
+            statuses.append(resp.status_code)
+            if resp.status_code == 503:
+                assert resp.json()["error"]["code"] == "verify_busy"
+
+        async with trio.open_nursery() as nursery:
+            for s in sigs:
+                nursery.start_soon(pay, s)
+        world.fac.verify_delay = 0.0
+    assert sorted(statuses) == [200, 503]
+    assert world.gate.stats.verify_busy == 1

@@ -122,6 +122,10 @@ class PaymentSettings:
     orphan_after: float = 1200.0
     max_backoff: float = 60.0
     shutdown_timeout: float = 30.0
+    # 402 amplification: at most this many facilitator verifies at once (503 beyond), and a
+    # payment header the facilitator rejected is refused without asking again for this long
+    max_concurrent_verifies: int = 32
+    rejected_memory_seconds: float = 600.0
 
 
 class FacilitatorClient(Protocol):
@@ -165,6 +169,8 @@ class Admission:
 class Stats:
     verifies: int = 0
     verify_failures: int = 0
+    verify_failures_cached: int = 0  # refused without a facilitator call (rejected before)
+    verify_busy: int = 0  # 503: too many verifies in flight
     facilitator_errors: int = 0
     session_hits: int = 0
     sessions_opened: int = 0
@@ -224,6 +230,8 @@ class X402Gate:
         self._by_header: OrderedDict[str, str] = OrderedDict()  # sha256(header) -> session id
         self._by_nonce: OrderedDict[tuple[str, str], str] = OrderedDict()  # (payer, nonce) -> sid
         self._opening: dict[tuple[str, str], trio.Event] = {}  # permits being verified/opened
+        self._rejected: OrderedDict[str, float] = OrderedDict()  # header key -> refuse until
+        self._verify_slots = trio.Semaphore(settings.max_concurrent_verifies)
         self._remember = remember
         self.stats = Stats()
         self.initialized = False
@@ -432,6 +440,21 @@ class X402Gate:
         self, header: str, decoded: Any, req: Any, auth: Any, nonce: str, url: str, path: str
     ) -> str:
         deadline = int(auth["deadline"])
+        hkey = _header_key(header)
+        until = self._rejected.get(hkey)
+        if until is not None and trio.current_time() < until:
+            self.stats.verify_failures_cached += 1  # the facilitator said no already
+            raise await self._refuse("Payment rejected.", url, path)
+        try:
+            self._verify_slots.acquire_nowait()
+        except trio.WouldBlock:
+            self.stats.verify_busy += 1
+            raise GatewayError(
+                "Too many payments are being verified; try again shortly.",
+                status=503,
+                type="server_error",
+                code="verify_busy",
+            ) from None
         self.stats.verifies += 1
         try:
             with trio.fail_after(self.settings.verify_timeout):
@@ -445,9 +468,15 @@ class X402Gate:
                 type="server_error",
                 code="facilitator_unavailable",
             ) from None
+        finally:
+            self._verify_slots.release()
         if not result.is_valid or not result.payer:
             self.stats.verify_failures += 1
-            reason = result.invalid_reason or "invalid_payment"
+            self._rejected[hkey] = trio.current_time() + self.settings.rejected_memory_seconds
+            self._rejected.move_to_end(hkey)
+            while len(self._rejected) > self._remember:
+                self._rejected.popitem(last=False)
+            reason = _printable(result.invalid_reason or "invalid_payment", 100)
             raise await self._refuse(f"Payment rejected: {reason}.", url, path)
         payer = _norm(result.payer)
         if payer != _norm(str(auth["from"])):
@@ -656,6 +685,8 @@ class X402Gate:
             "facilitator": {
                 "verifies": s.verifies,
                 "verify_failures": s.verify_failures,
+                "verify_failures_cached": s.verify_failures_cached,
+                "verify_busy": s.verify_busy,
                 "errors": s.facilitator_errors,
                 "settles": s.settles,
                 "settle_failures": s.settle_failures,
