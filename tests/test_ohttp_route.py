@@ -478,12 +478,16 @@ async def test_row9_slow_body_times_out(
     assert trio.current_time() - t0 == pytest.approx(60)
 
 
-async def test_row11_replay_is_served_with_fresh_nonces(gw: InProcess) -> None:
+async def test_row11_replay_is_refused_sealed_with_fresh_nonces(gw: InProcess) -> None:
+    """A copy of a request is refused inside the encapsulation (more: test_ohttp_replay.py)."""
     enc, client = seal(gw.config, inner("/health", method="GET"))
     a, b = await gw.post(enc), await gw.post(enc)
     assert a.status == b.status == 200
     assert a.body[:16] != b.body[:16]  # a fresh response nonce every time
-    assert open_single(client, a.body).status == open_single(client, b.body).status == 200
+    assert open_single(client, a.body).status == 200
+    refused = open_single(client, b.body)
+    assert refused.status == 400
+    assert json.loads(refused.content)["error"]["code"] == "replayed_request"
 
 
 # --- inner errors (sealed) ----------------------------------------------------------------------

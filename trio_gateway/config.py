@@ -71,6 +71,25 @@ class Settings(BaseSettings):
     ohttp_keys_max_age: int = Field(
         60, ge=0, description="Cache-Control max-age of GET /ohttp-keys (seconds)"
     )
+    ohttp_replay_window: float = Field(
+        600.0,
+        gt=0,
+        description="OHTTP anti-replay: each decrypted request's (key_id, enc) is remembered this "
+        "long (seconds); OHTTP keys rotate every window - ohttp_key_overlap seconds, so no key "
+        "outlives the window",
+    )
+    ohttp_replay_max_entries: int = Field(
+        1_000_000,
+        gt=0,
+        description="OHTTP anti-replay cache size (~110 bytes each); when full, new OHTTP "
+        "requests are refused (inner 503) until entries expire",
+    )
+    ohttp_key_overlap: float = Field(
+        120.0,
+        gt=0,
+        description="a replaced OHTTP key still decrypts this long (seconds); must exceed "
+        "ohttp_keys_max_age and be at most half of ohttp_replay_window",
+    )
     env_keys_ignored: bool = Field(False, exclude=True)
 
     # x402 payments. Production: enabled by POST /v1/keys (facilitator_url + pay_to_address);
@@ -175,6 +194,11 @@ class Settings(BaseSettings):
             for provider in PROVIDERS:
                 setattr(self, f"{provider}_api_key", None)
             self.env_keys_ignored = True
+        if not self.ohttp_keys_max_age < self.ohttp_key_overlap <= self.ohttp_replay_window / 2:
+            raise ValueError(
+                "ohttp_keys_max_age < ohttp_key_overlap <= ohttp_replay_window / 2 is required "
+                "(cached key lists keep working; keys rotate at least once per replay window)"
+            )
         if self.operator_port and self.operator_port == self.port:
             raise ValueError("operator_port must differ from port")
         d = self.deadlines

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import httpx
 import trio
 
 from .config import Settings
 from .ohttp_keys import OHTTPKeys
+from .ohttp_keys import maintenance as ohttp_maintenance
 from .payments.ledger import SessionLedger
 from .payments.meter import SettlingMeter
 from .payments.price_feed import PriceFeed
@@ -136,6 +138,14 @@ class AppState:
         if settings.dev:
             keys.keys.update(settings.env_keys())
         relay = Relay(client, KeySigner(key), the_meter, settings.deadlines)
+        # scheduled rotation: no key outlives the replay window (see ohttp_keys.py)
+        ohttp = OHTTPKeys.create(
+            rfc9458_test_key=settings.ohttp_rfc9458_test_key,
+            rotate_every=settings.ohttp_replay_window - settings.ohttp_key_overlap,
+            overlap=settings.ohttp_key_overlap,
+            replay_window=settings.ohttp_replay_window,
+            replay_max_entries=settings.ohttp_replay_max_entries,
+        )
         return cls(
             settings=settings,
             key=key,
@@ -146,7 +156,8 @@ class AppState:
             meter=the_meter,
             usage_log=usage_log,
             provider_keys=keys,
-            ohttp=OHTTPKeys.create(rfc9458_test_key=settings.ohttp_rfc9458_test_key),
+            ohttp=ohttp,
+            services={"ohttp_keys": partial(ohttp_maintenance, ohttp)},
         )
 
     def begin_shutdown(self, grace: float) -> None:

@@ -96,6 +96,7 @@ async def health() -> tuple[dict[str, Any], int]:
     if st.usage_log is not None:
         body["usage"] = st.usage_log.snapshot()
     body["payments"] = st.payments.status() if st.payments is not None else {"enabled": False}
+    body["ohttp"] = st.ohttp.status()  # key rotation, anti-replay cache counters
     return body, 503 if st.draining else 200
 
 

@@ -9,9 +9,10 @@
    Content-Length and while reading (413), body read timeout (408), then decapsulation: framing
    400, key/suite mismatch 422 (problem type ``ohttp-key``), every HPKE failure 422 with one
    identical body. Never a 5xx for attacker bytes: anything unexpected here is a 400.
-2. After decapsulation everything is answered *inside* the encapsulation (outer 200): invalid
-   BHTTP 400; ``Expect`` 417; scheme other than http/https 400; a path outside the gateway's own
-   API (``ALLOWED_PATHS``, matched exactly, query string aside) 404 -- never an open relay; an
+2. After decapsulation everything is answered *inside* the encapsulation (outer 200): a replay
+   400 ``replayed_request`` (or 503 ``replay_cache_full``, see Replays below); invalid BHTTP
+   400; ``Expect`` 417; scheme other than http/https 400; a path outside the gateway's own API
+   (``ALLOWED_PATHS``, matched exactly, query string aside) 404 -- never an open relay; an
    unexpected exception 500.
 3. Dispatch: the inner message becomes a Quart request (its own method, path, query, headers and
    body; hop-by-hop fields dropped, Content-Length recomputed, Host taken from the authority) and
@@ -28,14 +29,26 @@
    of content, empty trailers) only if the relay completed: a failure after the outer 200 ends
    the body without it, so the client sees truncation.
 
-Replays (RFC 9458 §6.5) are served: there is no ``enc`` cache or Date window. A replay costs the
-replayer (payment), and every answer uses a fresh response nonce. Logs carry the key_id, sizes and
-error classes only: never plaintext, ``enc``, inner headers or paths.
+Replays (RFC 9458 §6.5) are refused. A legitimate client never reuses its HPKE ephemeral key
+``enc``, so right after a request decrypted -- before BHTTP decoding, dispatch or any payment
+work -- its ``(key_id, enc)`` is admitted once by ``OHTTPKeys.replay`` (``codecs/replay.py``).
+A copy (a relay replaying it, or anyone who captured it) gets a sealed inner 400
+``replayed_request`` and nothing is dispatched or charged: an encapsulated answer, as the RFC
+requires for errors found after decapsulation, so the client can authenticate it. The cache
+remembers entries for ``ohttp_replay_window`` seconds and keys rotate so that none is accepted
+longer than that (``ohttp_keys.py``), which makes the window complete. It is bounded
+(``ohttp_replay_max_entries``) and fails closed: when full, new requests get a sealed 503
+``replay_cache_full`` (``Retry-After``) rather than evicting entries still in their window;
+``/health`` shows the counters. Chunked *requests* (``message/ohttp-chunked-req``) are not
+accepted (415), so this is the only decapsulation path; one that accepts them must call
+``_admit`` after the first chunk authenticates. Every answer uses a fresh response nonce. Logs
+carry the key_id, sizes and error classes only: never plaintext, ``enc``, inner headers or paths.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import trio
@@ -59,6 +72,7 @@ from ..codecs.bhttp import (
 )
 from ..codecs.chunked_ohttp import ChunkedResponseSealer
 from ..codecs.ohttp import (
+    HEADER_LEN,
     PROBLEM_TYPE,
     DecryptionFailed,
     KeyMismatch,
@@ -68,6 +82,7 @@ from ..codecs.ohttp import (
     decapsulate_request,
     error_status,
 )
+from ..codecs.replay import Admission
 from ..relay.asgi import Framing, Head, Out, RelayResponse
 from ..relay.events import Start
 from ..relay.metering import Outcome
@@ -187,9 +202,16 @@ def sealed(ctx: ResponseContext, status: int, fields: Fields, content: bytes) ->
     return resp
 
 
-def sealed_error(ctx: ResponseContext, status: int, message: str, code: str | None) -> Response:
-    body = json_bytes(error_body(status, message, "invalid_request_error", code))
-    return sealed(ctx, status, ((b"content-type", b"application/json"),), body)
+def sealed_error(
+    ctx: ResponseContext,
+    status: int,
+    message: str,
+    code: str | None,
+    type_: str = "invalid_request_error",
+    extra: Fields = (),
+) -> Response:
+    body = json_bytes(error_body(status, message, type_, code))
+    return sealed(ctx, status, ((b"content-type", b"application/json"), *extra), body)
 
 
 class SingleSealing(Framing):
@@ -322,6 +344,34 @@ def _inner_request(msg: BHTTPRequest) -> Any:
     return req
 
 
+def _admit(key_id: int, enc: bytes, ctx: ResponseContext) -> Response | None:
+    """Anti-replay for a request that decrypted: None to go on, else the sealed refusal."""
+    cache = app_state().ohttp.replay
+    verdict = cache.admit(key_id, enc)
+    if verdict is Admission.FRESH:
+        return None
+    if verdict is Admission.REPLAY:
+        log.warning("ohttp replay refused key_id=%d (replays=%d)", key_id, cache.replays)
+        return sealed_error(
+            ctx, 400, "This encapsulated request was already received.", "replayed_request"
+        )
+    retry = max(1, math.ceil(cache.retry_after()))
+    if cache.full_streak == 1:  # once per full period; /health counts every refusal
+        log.error(
+            "ohttp replay cache full (%d entries): refusing new OHTTP requests for ~%ds",
+            cache.max_entries,
+            retry,
+        )
+    return sealed_error(
+        ctx,
+        503,
+        "The gateway cannot accept more OHTTP requests right now.",
+        "replay_cache_full",
+        "service_unavailable",
+        ((b"retry-after", str(retry).encode()),),
+    )
+
+
 async def _dispatch(ctx: ResponseContext, plaintext: bytes) -> Response:
     try:
         msg = decode_request(plaintext)
@@ -385,6 +435,9 @@ async def ohttp_gateway() -> Response:
         return outer_error(exc)
     log.debug("ohttp key_id=%d size=%d", body[0], len(body))
     try:
+        refused = _admit(body[0], body[HEADER_LEN : HEADER_LEN + ctx.suite.nenc], ctx)
+        if refused is not None:
+            return refused
         return await _dispatch(ctx, plaintext)
     except Exception as exc:  # after decapsulation: sealed 500, never an outer 5xx
         log.error("ohttp inner failure %s", type(exc).__name__)
