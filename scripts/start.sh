@@ -20,7 +20,7 @@
 #   that, this script exits 1 before the gateway ever starts.
 #
 # Environment (baked into the image, hence measured): NITRIDING_FQDN (default localhost),
-# NITRIDING_ACME=1 to add -acme, NITRIDING_WAIT_SECONDS (30), NITRIDING_LOST_KILL_AFTER (45),
+# NITRIDING_ACME=1 to add -acme, NITRIDING_WAIT_SECONDS (30), NITRIDING_LOST_KILL_AFTER (90),
 # GATEWAY_HOST (127.0.0.1), GATEWAY_PORT (8000), OPERATOR_PORT (8001), NITRIDING_INTPORT (8080),
 # APP_DIR (/app).
 
@@ -36,7 +36,7 @@ gw_host="${GATEWAY_HOST:-127.0.0.1}"
 gw_port="${GATEWAY_PORT:-8000}"
 op_port="${OPERATOR_PORT:-8001}"
 wait_s="${NITRIDING_WAIT_SECONDS:-30}"
-kill_after="${NITRIDING_LOST_KILL_AFTER:-45}"
+kill_after="${NITRIDING_LOST_KILL_AFTER:-90}" # > a full drain (~80 s)
 
 log() { printf '[start.sh] %s\n' "$*" >&2; }
 

@@ -795,4 +795,29 @@ async def test_shutdown_settlement_is_bounded_in_all(
     took = trio.current_time() - t0
     assert took == pytest.approx(2.0, abs=0.05), f"shutdown took {took:.2f} s"
     assert p.fac.landed == [] and p.paid == 0
-    assert "shutdown deadline: 2 sessions unsettled" in caplog.text
+    assert "shutdown: 3 of 3 payment sessions unsettled" in caplog.text  # every one (F17)
+
+
+async def test_cancelled_reconciler_round_stops_between_settles(
+    enclave_key: EnclaveKey, mock_clock: trio.testing.MockClock
+) -> None:
+    """SECURITY F16: a round that claimed several sessions used to run every (shielded) settle
+    after being cancelled, N x the settle time, past the service host's wait. Now it stops
+    after the one in flight and hands the rest back; the shutdown settles them."""
+    p = await started(enclave_key, mock_clock, settle_timeout=5.0)
+    owed = 0
+    for _ in range(3):
+        r = await post(p, chat(), {PAYMENT_SIGNATURE: await p.sign()})
+        assert r.status == 200, r.body[:300]
+    owed = p.ledger.total_charged
+    p.fac.rtt = 2.0
+    p.clock.offset += p.ledger.idle_timeout + 1
+    t0 = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(p.gate.settle_due)
+        await p.fac.settle_started.wait()
+        nursery.cancel_scope.cancel()
+    assert trio.current_time() - t0 == pytest.approx(2.0, abs=0.1)  # the settle in flight only
+    assert len(p.fac.landed) == 1
+    await p.gate.shutdown()
+    assert len(p.fac.landed) == 3 and p.paid == owed == p.ledger.total_settled

@@ -722,3 +722,35 @@ async def test_402_amplification_is_bounded(world: World) -> None:
         world.fac.verify_delay = 0.0
     assert sorted(statuses) == [200, 503]
     assert world.gate.stats.verify_busy == 1
+
+
+async def test_a_forged_copy_of_an_open_permit_does_not_join_its_session(world: World) -> None:
+    """SECURITY F15: joining an open session by the claimed payer and nonce alone let a payment
+    header with a forged signature (the victim's permit, signature replaced) take over the
+    victim's session without any verify. Only the exact payload joins unverified; anything else
+    is verified first, and the facilitator rejects the forgery."""
+    async with httpx.AsyncClient(base_url=world.base, timeout=20) as plain:
+        r = await plain.post("/v1/chat/completions", json=chat(max_tokens=5))
+        good = await world.sign(r.headers["PAYMENT-REQUIRED"])
+        r = await plain.post(
+            "/v1/chat/completions", json=chat(max_tokens=5), headers={"PAYMENT-SIGNATURE": good}
+        )
+        assert r.status_code == 200
+        victim = r.headers["X-Upto-Session"]
+        payload = decode_payment_signature_header(good)
+        assert isinstance(payload, PaymentPayload)
+        raw = payload.model_dump(by_alias=True)
+        raw["payload"]["signature"] = "0x" + "11" * 65
+        forged = base64.b64encode(json.dumps(raw).encode()).decode()
+        r = await plain.post(
+            "/v1/chat/completions", json=chat(max_tokens=5), headers={"PAYMENT-SIGNATURE": forged}
+        )
+        assert r.status_code == 402, r.text
+        assert r.headers.get("X-Upto-Session") != victim
+        assert world.fac.calls["verify"] == 2  # the forgery was verified, and rejected
+        # the genuine header still joins its session without a verify
+        r = await plain.post(
+            "/v1/chat/completions", json=chat(max_tokens=5), headers={"PAYMENT-SIGNATURE": good}
+        )
+        assert r.status_code == 200 and r.headers["X-Upto-Session"] == victim
+        assert world.fac.calls["verify"] == 2

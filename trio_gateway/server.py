@@ -26,6 +26,7 @@ from hypercorn.config import Config, Sockets
 from hypercorn.trio import serve
 
 from .app import create_app
+from .payments.x402_gate import PaymentSettings
 from .signing.nitriding import register_with_nitriding
 from .state import AppState
 
@@ -69,6 +70,7 @@ def hypercorn_config(
     operator: tuple[str, int] | None = None,
     shutdown_grace: float = 30.0,
     tcp_user_timeout: float | None = None,
+    lifespan_shutdown: float = 60.0,
 ) -> GatewayConfig:
     cfg = GatewayConfig()
     cfg.bind = [_bind(host, port)]
@@ -82,6 +84,10 @@ def hypercorn_config(
     cfg.h11_max_incomplete_size = 64 * 1024  # request line + headers cap
     cfg.include_server_header = False
     cfg.tcp_user_timeout = tcp_user_timeout
+    # after_serving stops the services (up to the settle deadline + 2 s) and settles every open
+    # session (bounded in all by the payment shutdown timeout, 30 s): Hypercorn's 60 s default
+    # for the lifespan shutdown could cut a clean drain short (SECURITY F18)
+    cfg.shutdown_timeout = max(cfg.shutdown_timeout, lifespan_shutdown)
     return cfg
 
 
@@ -131,6 +137,8 @@ async def run_server(
         shutdown_grace=s.shutdown_grace,
         # after the relay's own stall deadline, so that one fires first and meters the request
         tcp_user_timeout=s.deadlines.client_stall + STALL_MARGIN,
+        # services (settle deadline + 2 s), then the payment shutdown (30 s), plus a margin
+        lifespan_shutdown=s.deadlines.settle + 2.0 + PaymentSettings.shutdown_timeout + 15.0,
     )
     stop = trio.Event()
     async with trio.open_nursery() as nursery:

@@ -423,11 +423,16 @@ class X402Gate:
         while (opening := self._opening.get(claim)) is not None:
             await opening.wait()
         existing = self._by_nonce.get(claim)
-        if existing is not None:  # same permit (perhaps differently encoded): the same session
-            if existing not in self._permits:
+        if existing is not None:
+            permit = self._permits.get(existing)
+            if permit is None:  # that permit's session is closed: a replay of a spent payment
                 raise await self._refuse("Session expired or exhausted.", url, path)
-            self._remember_header(header, existing)
-            return existing
+            if permit.payload == decoded:  # exactly the payment that opened it (signature too)
+                self._remember_header(header, existing)
+                return existing
+            # Same claimed payer and nonce but not the same payload: nothing here is verified
+            # yet (the claim could carry a forged signature: SECURITY F15), so verify it first;
+            # a valid re-encoding of the same permit then joins the session below.
         done = trio.Event()
         self._opening[claim] = done
         try:
@@ -579,7 +584,7 @@ class X402Gate:
             if ok:
                 self.stats.settles += 1
                 self.stats.settled_units += amount
-                self.last_settle_tx = tx
+                self.last_settle_tx = _printable(tx) if tx else None
                 log.info(
                     "session %s settled %d (tx %s)", session_tag(session_id), amount, _printable(tx)
                 )
@@ -631,7 +636,14 @@ class X402Gate:
         await self.meter.reap_orphans(self.settings.orphan_after)
         due = await self.ledger.due_for_settlement()
         settled = failed = 0
-        for d in due:
+        for i, d in enumerate(due):
+            try:  # each settle is shielded: stop between two of them when cancelled (F16)
+                await trio.lowlevel.checkpoint_if_cancelled()
+            except trio.Cancelled:
+                with trio.CancelScope(shield=True):  # unclaimed: still owed, settled later
+                    for rest in due[i:]:
+                        await self.ledger.settle_failed(rest.session_id)
+                raise
             if await self.settle_one(d.session_id, d.amount):
                 settled += 1
             else:
@@ -656,19 +668,21 @@ class X402Gate:
         end = trio.current_time() + self.settings.shutdown_timeout
         with trio.CancelScope(shield=True), trio.move_on_at(end):
             due = await self.ledger.close_all()
-            settled = 0
-            for i, d in enumerate(due):
-                if trio.current_time() >= end:
-                    left = due[i:]
-                    log.critical(
-                        "shutdown deadline: %d sessions unsettled, %d units lost",
-                        len(left),
-                        sum(x.amount for x in left),
-                    )
-                    break
-                settled += await self.settle_one(d.session_id, d.amount, deadline=end)
-            if due:
-                log.info("shutdown: settled %d of %d payment sessions", settled, len(due))
+            lost = []
+            for d in due:
+                if trio.current_time() >= end or not await self.settle_one(
+                    d.session_id, d.amount, deadline=end
+                ):
+                    lost.append(d)
+            if lost:  # the process ends with them (F17: every one, however it failed)
+                log.critical(
+                    "shutdown: %d of %d payment sessions unsettled, %d units lost",
+                    len(lost),
+                    len(due),
+                    sum(d.amount for d in lost),
+                )
+            elif due:
+                log.info("shutdown: settled %d payment sessions", len(due))
 
     def status(self) -> dict[str, Any]:
         s = self.stats

@@ -213,7 +213,7 @@ async def install_keys() -> dict[str, Any]:
             try:
                 await gate.initialize()  # GET /supported, in a thread, bounded
             except BaseException as exc:  # incl. the operator hanging up: close what we opened
-                with trio.CancelScope(shield=True):
+                with trio.CancelScope(shield=True), trio.move_on_after(5.0):
                     await gate.aclose()
                     await gate.feed.client.aclose()
                 if not isinstance(exc, Exception):
