@@ -28,6 +28,9 @@ Options:
   --measurements FILE  measurements file to write or check (default measurements.txt)
   --health-tries N     /health polls, 2 s apart (default 90)
   --no-keys            do not inject keys (do it later by hand)
+  --trust-first-measurement
+                       when the measurements file has no PCRs yet, still inject keys into
+                       this enclave (default: record the PCRs and inject nothing)
   --debug-mode         nitro-cli --debug-mode: console access, but attestation documents then
                        carry all-zero PCRs, so clients cannot verify this enclave
   -h, --help           this text
@@ -51,6 +54,7 @@ measurements="measurements.txt"
 health_tries=90
 inject=1
 debug=0
+trust_first=0
 eif=""
 gw="${GATEWAY_URL:-http://127.0.0.1:8000}" # the loopback forward; overridable for testing
 
@@ -64,6 +68,7 @@ while (($#)); do
         --measurements) measurements="${2:?--measurements needs a value}"; shift 2 ;;
         --health-tries) health_tries="${2:?--health-tries needs a value}"; shift 2 ;;
         --no-keys) inject=0; shift ;;
+        --trust-first-measurement) trust_first=1; shift ;;
         --debug-mode) debug=1; shift ;;
         -*) usage >&2; die "unknown option: $1" ;;
         *) [ -z "$eif" ] || die "only one EIF_PATH, got '$eif' and '$1'"; eif="$1"; shift ;;
@@ -168,6 +173,13 @@ else
     fi
     mv "$tmp" "$measurements"
     log "wrote the measurements to $measurements (it had none: compare them with a reproducible build)"
+    if ((inject)) && ((!trust_first)); then
+        # trust on first use is a decision, not a default: keys go only into a measured enclave
+        log "no keys injected: $measurements had no PCRs to check this enclave against."
+        log "Compare the PCRs above with a reproducible build (make image twice, make eif), commit"
+        log "them, then rerun; or pass --trust-first-measurement to inject into this one anyway."
+        inject=0
+    fi
 fi
 
 # ---------------------------------------------------------------- 5. health
