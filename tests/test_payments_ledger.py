@@ -15,6 +15,7 @@ from trio_gateway.payments.ledger import (
     DueSettlement,
     InsufficientBudget,
     LedgerFull,
+    PayerLimit,
     PayerMismatch,
     Reservation,
     SessionClosed,
@@ -476,3 +477,58 @@ async def test_orphaned_reservation_is_released_after_the_relay_could_have_ended
     assert ledger.status()["reserved"] == 10**15
     assert meter.orphans_reaped == 1
     assert await meter.reap_orphans(max_age=50) == 0
+
+
+# -- credit per payer (SECURITY F9) ---------------------------------------------------------------
+
+
+async def test_payer_limit_bounds_credit_across_all_of_a_payers_sessions() -> None:
+    """A permit is not escrow: one wallet could sign many permits and run a cap on each. With
+    ``payer_limit`` the payer's charged + held across its live sessions stays within it, until
+    settlement frees it; other payers are not affected."""
+    ledger, clock = make(payer_limit=1000)  # type: ignore[arg-type]
+    await ledger.open_session("s1", PAYER, 1000, T0 + HOUR)
+    await ledger.open_session("s2", PAYER, 1000, T0 + HOUR)
+    await ledger.open_session("o1", OTHER, 1000, T0 + HOUR)
+    a = await ledger.reserve("s1", PAYER, 600)
+    await ledger.commit(a, 600)
+    held = await ledger.reserve("s2", PAYER.upper().replace("0X", "0x"), 300)  # case-blind
+    assert ledger.outstanding(PAYER) == 900
+    with pytest.raises(PayerLimit) as exc:
+        await ledger.reserve("s2", PAYER, 200)  # s2 alone has 700 left, the payer only 100
+    assert exc.value.remaining == 100 and ledger.payer_refusals == 1
+    assert isinstance(exc.value, InsufficientBudget)  # the gate answers 402 either way
+    await ledger.reserve("o1", OTHER, 1000)  # another payer: its own bound
+    await ledger.release(held)
+    assert ledger.outstanding(PAYER) == 600
+    keep = await ledger.reserve("s2", PAYER, 100)  # in flight: s2 is not idle
+    # settlement of s1 frees the payer's credit
+    clock.now += ledger.idle_timeout + 1
+    due = await ledger.due_for_settlement()
+    assert [d.session_id for d in due] == ["s1"]
+    await ledger.mark_settled("s1", 600)
+    assert ledger.outstanding(PAYER) == 100
+    await ledger.reserve("s2", PAYER, 800)
+    await ledger.open_session("s3", PAYER, 1000, T0 + HOUR)  # a fresh permit does not help
+    with pytest.raises(PayerLimit):
+        await ledger.reserve("s3", PAYER, 200)
+    await ledger.reserve("s3", PAYER, 100)
+    await ledger.release(keep)
+
+
+async def test_no_payer_limit_by_default_in_the_ledger_but_the_gate_sets_the_cap() -> None:
+    ledger, _ = make()
+    assert ledger.payer_limit is None
+    from tests.conftest import make_state
+    from trio_gateway.payments.x402_gate import PaymentSettings
+    from trio_gateway.signing.keys import EnclaveKey
+
+    state = make_state(EnclaveKey.generate())
+    gate = state.build_payment_gate(
+        PaymentSettings(facilitator_url="http://f.invalid", pay_to=PAYER, session_cap=12345)
+    )
+    try:
+        assert gate.ledger.payer_limit == 12345
+    finally:
+        await gate.aclose()
+        await gate.feed.client.aclose()

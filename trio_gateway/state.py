@@ -211,7 +211,7 @@ class AppState:
         """The payment layer (not yet enabled): ledger, settling meter around the usage log,
         price feed (its own HTTP client unless given) and the x402 gate."""
         if ledger is None:  # (an empty ledger is falsy: it has __len__)
-            ledger = SessionLedger()
+            ledger = SessionLedger(payer_limit=pay.session_cap)  # credit per payer: F9
         meter = SettlingMeter(ledger, decimals=pay.decimals, inner=self.meter)
         if feed is None:
             feed = PriceFeed(

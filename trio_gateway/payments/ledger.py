@@ -95,6 +95,10 @@ class InsufficientBudget(LedgerError):
         self.needed = needed
 
 
+class PayerLimit(InsufficientBudget):
+    """The payer's unsettled charges and holds across all its sessions reach ``payer_limit``."""
+
+
 class State(enum.StrEnum):
     OPEN = "open"
     SETTLING = "settling"  # due: waiting for (or in) settlement
@@ -173,6 +177,7 @@ class SessionLedger:
         idle_timeout: float = IDLE_TIMEOUT,
         max_sessions: int = MAX_SESSIONS,
         max_tombstones: int = MAX_TOMBSTONES,
+        payer_limit: int | None = None,
     ) -> None:
         if not 0 < abandon_margin < settle_margin < serve_margin:
             raise ValueError("need 0 < abandon_margin < settle_margin < serve_margin")
@@ -185,9 +190,16 @@ class SessionLedger:
         self.idle_timeout = idle_timeout
         self.max_sessions = max_sessions
         self.max_tombstones = max_tombstones
+        # Credit per payer (SECURITY F9): a permit is not escrow, the facilitator checked the
+        # wallet's balance against one cap when it verified; so across all of a payer's live
+        # sessions, charged + held may not pass this (the gate sets it to the session cap, so
+        # the balance one verification saw covers everything outstanding). None: no bound.
+        self.payer_limit = payer_limit
+        self.payer_refusals = 0
         self.lock = trio.Lock()
         # live sessions (open and settling), least recently active first
         self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._by_payer: dict[str, set[str]] = {}  # payer -> ids of its live sessions
         self._open = 0
         self._tombstones: OrderedDict[str, tuple[State, int]] = OrderedDict()
         self._serial = 0
@@ -236,6 +248,7 @@ class SessionLedger:
             "total_late_unbilled": self.total_late_unbilled,
             "saturations": self.saturations,
             "refusals": self.refusals,
+            "payer_refusals": self.payer_refusals,
             "dropped": self.dropped,
             "abandoned": self.abandoned,
             "evicted": self.evicted,
@@ -266,6 +279,7 @@ class SessionLedger:
                 self._evict_one(now)
             s = Session(session_id, payer, cap, deadline, now, now)
             self._sessions[session_id] = s
+            self._by_payer.setdefault(payer, set()).add(session_id)
             self._open += 1
             return s
 
@@ -310,6 +324,12 @@ class SessionLedger:
             if amount > s.remaining:
                 self.refusals += 1
                 raise InsufficientBudget(s.remaining, amount)
+            if self.payer_limit is not None:
+                outstanding = self.outstanding(s.payer)
+                if outstanding + amount > self.payer_limit:
+                    self.refusals += 1
+                    self.payer_refusals += 1
+                    raise PayerLimit(max(0, self.payer_limit - outstanding), amount)
             s.held += amount
             s.in_flight += 1
             s.last_activity = now
@@ -368,11 +388,25 @@ class SessionLedger:
 
     # -- settlement -----------------------------------------------------------------------------
 
+    def outstanding(self, payer: str) -> int:
+        """What ``payer`` owes and holds across its live sessions (not yet settled)."""
+        total = 0
+        for sid in self._by_payer.get(payer.lower(), ()):
+            x = self._sessions.get(sid)
+            if x is not None:
+                total += x.charged + x.held
+        return total
+
     def _tombstone(self, s: Session, state: State, amount: int) -> None:
         if s.state is State.OPEN:
             self._open -= 1
         s.state = state
         self._sessions.pop(s.session_id, None)
+        ids = self._by_payer.get(s.payer)
+        if ids is not None:
+            ids.discard(s.session_id)
+            if not ids:
+                del self._by_payer[s.payer]
         self._tombstones[s.session_id] = (state, amount)
         while len(self._tombstones) > self.max_tombstones:
             self._tombstones.popitem(last=False)

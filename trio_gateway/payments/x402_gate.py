@@ -65,6 +65,7 @@ from ..providers.base import ModelInfo
 from .ledger import (
     InsufficientBudget,
     LedgerError,
+    PayerLimit,
     PayerMismatch,
     Reservation,
     SessionExpiring,
@@ -369,6 +370,13 @@ class X402Gate:
             raise await self._refuse("Session expired or exhausted.", url, path)
         try:
             reservation = await self.ledger.reserve(sid, permit.payer, worst)
+        except PayerLimit:
+            raise await self._refuse(
+                "This payer's unsettled charges across its sessions reach the payment cap: "
+                "retry once they are settled, or lower max_tokens.",
+                url,
+                path,
+            ) from None
         except InsufficientBudget:
             raise await self._refuse(
                 "The session's remaining budget cannot cover this request: sign a new payment.",
