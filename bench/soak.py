@@ -117,12 +117,28 @@ class Counts:
         self.errors[what] = self.errors.get(what, 0) + 1
 
 
-def build_request(port: int, session: str, rng: random.Random, seq: int) -> tuple[bytes, bool]:
+@dataclass(frozen=True)
+class Pace:
+    """Per request, uniformly at random: tokens, ms between tokens, ms to the first token."""
+
+    tokens: tuple[int, int] = (5, 80)
+    delay_ms: tuple[int, int] = (20, 120)
+    ttft_ms: tuple[int, int] = (20, 600)
+
+
+def span(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition(":")
+    return int(lo), int(hi or lo)
+
+
+def build_request(
+    port: int, session: str, rng: random.Random, seq: int, pace: Pace = Pace()
+) -> tuple[bytes, bool]:
     stream = rng.random() >= 0.10
-    tokens = rng.randint(5, 80)
+    tokens = rng.randint(*pace.tokens)
     knobs = (
-        f"bench-id=soak-{seq} bench-tokens={tokens} bench-delay_ms={rng.randint(20, 120)} "
-        f"bench-ttft_ms={rng.randint(20, 600)}"
+        f"bench-id=soak-{seq} bench-tokens={tokens} "
+        f"bench-delay_ms={rng.randint(*pace.delay_ms)} bench-ttft_ms={rng.randint(*pace.ttft_ms)}"
     )
     body: dict[str, Any] = {
         "model": MODEL,
@@ -142,9 +158,9 @@ def build_request(port: int, session: str, rng: random.Random, seq: int) -> tupl
 
 
 async def one_request(
-    port: int, session: str, rng: random.Random, seq: int, counts: Counts
+    port: int, session: str, rng: random.Random, seq: int, counts: Counts, pace: Pace
 ) -> None:
-    req, stream = build_request(port, session, rng, seq)
+    req, stream = build_request(port, session, rng, seq, pace)
     abort = rng.random() < 0.33
     abort_after = rng.randint(0, 20) if abort else -1  # data events before hanging up (0: TTFT)
     rst = rng.random() < 0.5
@@ -189,7 +205,13 @@ async def one_request(
 
 
 async def load(
-    port: int, sessions: list[str], concurrency: int, seconds: float, counts: Counts, seed: int
+    port: int,
+    sessions: list[str],
+    concurrency: int,
+    seconds: float,
+    counts: Counts,
+    seed: int,
+    pace: Pace,
 ) -> None:
     seq = 0
 
@@ -199,7 +221,7 @@ async def load(
         await trio.sleep(rng.uniform(0, 2))  # ramp
         while True:
             seq += 1
-            await one_request(port, sessions[i % len(sessions)], rng, seq, counts)
+            await one_request(port, sessions[i % len(sessions)], rng, seq, counts, pace)
 
     with trio.move_on_after(seconds):
         async with trio.open_nursery() as nursery:
@@ -314,7 +336,8 @@ async def soak(a: argparse.Namespace) -> int:
         t0 = time.monotonic()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(sampler, gpid, gw, samples, t0, phase, rows)
-            await load(gw_port, sessions, a.concurrency, a.warmup, counts, a.seed)
+            pace = Pace(span(a.tokens), span(a.delay_ms), span(a.ttft_ms))
+            await load(gw_port, sessions, a.concurrency, a.warmup, counts, a.seed, pace)
             phase[0] = "idle-baseline"
             await wait_idle(gw)
             await trio.sleep(a.idle)
@@ -324,7 +347,7 @@ async def soak(a: argparse.Namespace) -> int:
             # idle sessions were settled and closed during the idle phase: a client opens new ones
             sessions = await trio.to_thread.run_sync(open_sessions)
             t_soak = time.monotonic()
-            await load(gw_port, sessions, a.concurrency, a.minutes * 60, counts, a.seed + 1)
+            await load(gw_port, sessions, a.concurrency, a.minutes * 60, counts, a.seed + 1, pace)
             t_end = time.monotonic()
             phase[0] = "idle-final"
             health = await wait_idle(gw)
@@ -365,6 +388,10 @@ async def soak(a: argparse.Namespace) -> int:
             and mock.get("conns_open", 0) <= 1,
         }
         summary = {
+            "commit": subprocess.run(  # noqa: ASYNC221 - after the load
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, cwd=ROOT, text=True
+            ).stdout.strip(),
+            "pace": {"tokens": a.tokens, "delay_ms": a.delay_ms, "ttft_ms": a.ttft_ms},
             "minutes": a.minutes,
             "concurrency": a.concurrency,
             "sessions": len(sessions),
@@ -413,6 +440,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=60.0, help="seconds of load before baseline")
     ap.add_argument("--idle", type=float, default=40.0, help="idle seconds before each sample")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--tokens", default="5:80", help="tokens per answer, LO:HI")
+    ap.add_argument("--delay-ms", default="20:120", help="ms between tokens, LO:HI")
+    ap.add_argument("--ttft-ms", default="20:600", help="ms to the first token, LO:HI")
     ap.add_argument("--bench-dir", default=str(ROOT.parent / "shared" / "bench"))
     sys.exit(trio.run(soak, ap.parse_args()))
 
