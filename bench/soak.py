@@ -260,6 +260,21 @@ async def wait_idle(gw: str, limit: float = 120) -> dict[str, Any]:
         await trio.sleep(0.5)
 
 
+def print_growth(before: Path, after: Path, top: int = 25) -> None:
+    import tracemalloc
+
+    a = tracemalloc.Snapshot.load(str(before))
+    b = tracemalloc.Snapshot.load(str(after))
+    total = sum(s.size for s in b.statistics("filename")) - sum(
+        s.size for s in a.statistics("filename")
+    )
+    print(f"traced Python memory grew by {total / MiB:.2f} MiB between the idle samples")
+    for stat in b.compare_to(a, "traceback")[:top]:
+        print(f"{stat.size_diff / 1024:+10.1f} KiB {stat.count_diff:+8d} blocks")
+        for line in stat.traceback.format(limit=6):
+            print("      " + line)
+
+
 def slope_mib_per_min(rows: list[dict[str, Any]]) -> float:
     if len(rows) < 3:
         return 0.0
@@ -300,8 +315,13 @@ async def soak(a: argparse.Namespace) -> int:
     try:
         wait_http(f"{mock_url}/health")
         wait_http(f"{fac_url}/supported")
+        launcher = (
+            [str(ROOT / "bench" / "memtrace_gateway.py"), str(results / "soak-mem")]
+            if a.memtrace
+            else ["-m", "trio_gateway"]
+        )
         procs["gateway"] = subprocess.Popen(  # noqa: ASYNC220
-            pinned(0, [PY, "-m", "trio_gateway", "--dev", "--port", str(gw_port),
+            pinned(0, [PY, *launcher, "--dev", "--port", str(gw_port),
                        "--log-level", "WARNING", "--payments", "--facilitator-url", fac_url,
                        "--pay-to-address", PAYEE, "--payment-network", "eip155:8453",
                        "--price-feed-url", f"{fac_url}/price", "--shutdown-grace", "30"]),
@@ -343,6 +363,8 @@ async def soak(a: argparse.Namespace) -> int:
             await trio.sleep(a.idle)
             base = proc_sample(gpid)
             print(f"baseline idle: {base}", flush=True)
+            if a.memtrace:
+                os.kill(gpid, signal.SIGUSR1)  # snapshot 0
             phase[0] = "soak"
             # idle sessions were settled and closed during the idle phase: a client opens new ones
             sessions = await trio.to_thread.run_sync(open_sessions)
@@ -353,6 +375,9 @@ async def soak(a: argparse.Namespace) -> int:
             health = await wait_idle(gw)
             await trio.sleep(a.idle)
             final = proc_sample(gpid)
+            if a.memtrace:
+                os.kill(gpid, signal.SIGUSR1)  # snapshot 1
+                await trio.sleep(5)
             health = await trio.to_thread.run_sync(get_json_any_status, f"{gw}/health")
             nursery.cancel_scope.cancel()
         print(f"final idle: {final}", flush=True)
@@ -420,6 +445,8 @@ async def soak(a: argparse.Namespace) -> int:
         }
         (results / "soak-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(json.dumps(summary, indent=2))
+        if a.memtrace:
+            print_growth(results / "soak-mem.0.snap", results / "soak-mem.1.snap")
         failed = [k for k, ok in checks.items() if not ok]
         print("SOAK " + ("FAILED: " + ", ".join(failed) if failed else "PASSED"), flush=True)
         return 1 if failed else 0
@@ -440,6 +467,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=60.0, help="seconds of load before baseline")
     ap.add_argument("--idle", type=float, default=40.0, help="idle seconds before each sample")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument(
+        "--memtrace",
+        action="store_true",
+        help="run the gateway under tracemalloc (bench/memtrace_gateway.py) and print what "
+        "grew between the two idle samples (slow: for finding a leak, not for figures)",
+    )
     ap.add_argument("--tokens", default="5:80", help="tokens per answer, LO:HI")
     ap.add_argument("--delay-ms", default="20:120", help="ms between tokens, LO:HI")
     ap.add_argument("--ttft-ms", default="20:600", help="ms to the first token, LO:HI")

@@ -821,3 +821,38 @@ async def test_cancelled_reconciler_round_stops_between_settles(
     assert len(p.fac.landed) == 1
     await p.gate.shutdown()
     assert len(p.fac.landed) == 3 and p.paid == owed == p.ledger.total_settled
+
+
+async def test_client_leaving_before_the_relay_starts_frees_the_reservation_at_once(
+    enclave_key: EnclaveKey, mock_clock: trio.testing.MockClock
+) -> None:
+    """Found by the soak under a slowed gateway: a client that leaves after admission but while
+    Quart is still finishing the response object (before the relay runs) left its reservation
+    held until the orphan reaper, 20 minutes later, and the payer's budget with it. Now the end
+    of the request frees it at once (relay.asgi.ADMITTED)."""
+    from tests.asgi import Disconnect
+
+    p = await started(enclave_key, mock_clock)
+    app = create_app(p.state)
+    bye = Disconnect()
+    in_hook = trio.Event()
+
+    @app.after_request
+    async def slow_finish(response: Any) -> Any:  # where Quart awaits after the route returned
+        in_hook.set()
+        await trio.sleep(10)
+        return response
+
+    sig = await p.sign()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            lambda: ASGIClient(app).request(
+                "POST", PATH, body=chat(), headers={PAYMENT_SIGNATURE: sig}, disconnect=bye
+            )
+        )
+        await in_hook.wait()
+        assert p.ledger.status()["reserved"] > 0  # admitted: the worst case is held
+        bye.set()
+    assert p.ledger.status()["reserved"] == 0, "the reservation outlived the request"
+    assert p.meter.snapshot()["in_flight"] == 0
+    assert p.ledger.total_charged == 0 and p.upstream.log.requests == []

@@ -90,7 +90,27 @@ def _shield_final_send(send: ASGISendCallable) -> ASGISendCallable:
     return wrapped
 
 
+# ``request.scope[ADMITTED]``: the request id of a paid request whose reservation is held. The
+# relay's metering hook consumes it; if the request ends before the relay ever ran (the client
+# left while Quart was still finishing the response object), ``handle_request`` frees it at once
+# instead of leaving it to the orphan reaper (20 minutes later).
+ADMITTED = "trio_gateway.admitted"
+
+
 class RelayHTTPConnection(TrioASGIHTTPConnection):
+    async def handle_request(  # type: ignore[override]
+        self, nursery: trio.Nursery, request: Any, send: ASGISendCallable
+    ) -> None:
+        try:
+            await super().handle_request(nursery, request, send)
+        finally:
+            rid = request.scope.get(ADMITTED)
+            if rid is not None:
+                gate = self.app.extensions["trio_gateway"].payments
+                if gate is not None:  # a no-op when the relay ran: its hook already finished it
+                    with trio.CancelScope(shield=True), trio.move_on_after(5.0):
+                        await gate.abandon(rid)
+
     async def _send_response(self, send: ASGISendCallable, response: Any) -> None:
         send = _shield_final_send(send)
         if not isinstance(response, RelayResponse):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import trio
 from pydantic import BaseModel
@@ -25,7 +25,7 @@ from ..api.errors import InvalidRequest, NotFound, Unavailable
 from ..api.render import ChatRenderer, CompletionRenderer, Renderer
 from ..payments.x402_gate import SESSION_HEADER
 from ..providers.base import Kind, ModelInfo
-from ..relay.asgi import RelayResponse
+from ..relay.asgi import ADMITTED, RelayResponse
 from ..relay.core import RelayJob
 from ..relay.metering import RequestRecord
 from ..signing.canonical import chat_request_bytes, completion_request_bytes
@@ -109,6 +109,8 @@ async def _start(kind: Kind, schema: type[BaseModel]) -> RelayResponse:
         request_size=len(request_bytes),
         max_output=raw.get("max_completion_tokens") or raw.get("max_tokens"),
     )
+    # freed at the end of the request if the relay never ran (see relay.asgi.ADMITTED)
+    cast(dict[str, Any], request.scope)[ADMITTED] = rid
     try:
         resp = _relay_response(st, kind, raw, model, api_key, rid, renderer, request_bytes)
     except BaseException:
