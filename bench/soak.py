@@ -256,7 +256,12 @@ async def wait_idle(gw: str, limit: float = 120) -> dict[str, Any]:
         if h["in_flight"] == 0 and p["meter"]["in_flight"] == 0 and p["ledger"]["reserved"] == 0:
             return dict(h)
         if trio.current_time() > end:
-            raise SystemExit(f"gateway never went idle: {json.dumps(h)[:600]}")
+            raise SystemExit(
+                "gateway never went idle: "
+                + json.dumps(
+                    {"in_flight": h["in_flight"], "meter": p["meter"], "ledger": p["ledger"]}
+                )
+            )
         await trio.sleep(0.5)
 
 

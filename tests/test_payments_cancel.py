@@ -856,3 +856,32 @@ async def test_client_leaving_before_the_relay_starts_frees_the_reservation_at_o
     assert p.ledger.status()["reserved"] == 0, "the reservation outlived the request"
     assert p.meter.snapshot()["in_flight"] == 0
     assert p.ledger.total_charged == 0 and p.upstream.log.requests == []
+
+
+async def test_ledger_commit_completes_even_past_the_hook_deadline(
+    enclave_key: EnclaveKey, mock_clock: trio.testing.MockClock
+) -> None:
+    """Found by the soak with an overloaded gateway ("metering hook overran its deadline"): the
+    meter had already taken the request off its books when the relay's hook deadline (settle,
+    10 s) cut the ledger commit while it waited for the ledger's lock, so the reservation stayed
+    held for good and the request was never billed. The commit is now shielded (the ledger
+    never awaits under its lock, so only CPU contention can delay it)."""
+    upstream = ScriptedUpstream([1.0, *body_steps(**USAGE)], content_type="application/json")
+    p = build_paid(enclave_key, upstream)
+    await p.setup()
+    mock_clock.autojump_threshold = 0
+    sig = await p.sign()
+    results: list[ASGIResult] = []
+
+    async def hog_the_ledger() -> None:
+        await trio.sleep(0.5)  # after admission, before the relay's hook
+        async with p.ledger.lock:
+            await trio.sleep(15.0)  # longer than the hook's 10 s deadline
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hog_the_ledger)
+        results.append(await post(p, chat(), {PAYMENT_SIGNATURE: sig}))
+    assert results[0].status == 200
+    assert p.ledger.status()["reserved"] == 0, "the reservation stayed held"
+    want = p.cost(USAGE["prompt_tokens"], USAGE["completion_tokens"])
+    assert p.ledger.total_charged == want > 0 and p.meter.charged_requests == 1

@@ -140,7 +140,12 @@ class SettlingMeter:
             self.errors += 1
             cost = paid.reservation.amount
             log.error("could not price rid=%s (%s): charging the reservation", rid, exc)
-        charge: Charge = await self.ledger.commit(paid.reservation, cost)
+        # Must complete once begun: the pending entry is gone, so a commit cut short (the relay's
+        # hook has a deadline) would leave the reservation held for good and the request
+        # unbilled (found by the soak with an overloaded gateway). The ledger never awaits
+        # while holding its lock, so only the wait for the lock can take time (CPU contention).
+        with trio.CancelScope(shield=True):
+            charge: Charge = await self.ledger.commit(paid.reservation, cost)
         self._finished[rid] = charge.amount
         self.charged_requests += 1
         self.charged_total += charge.amount
