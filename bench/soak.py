@@ -236,11 +236,15 @@ async def sampler(
         while True:
             row: dict[str, Any] = {"t": round(time.monotonic() - t0, 1), "phase": phase[0]}
             row.update(proc_sample(pid))
-            h = await trio.to_thread.run_sync(get_json_any_status, f"{gw}/health")
-            row["in_flight"] = h.get("in_flight")
-            led = h["payments"]["ledger"]
-            row["charged"] = led["total_charged"]
-            row["reserved"] = led["reserved"]
+            try:  # an overloaded gateway may not answer in time: record that, go on
+                h = await trio.to_thread.run_sync(get_json_any_status, f"{gw}/health")
+            except OSError as exc:
+                row["health_error"] = type(exc).__name__
+            else:
+                row["in_flight"] = h.get("in_flight")
+                led = h["payments"]["ledger"]
+                row["charged"] = led["total_charged"]
+                row["reserved"] = led["reserved"]
             rows.append(row)
             fh.write(json.dumps(row) + "\n")
             fh.flush()
