@@ -352,6 +352,19 @@ def b64json(value: str) -> Any:
     return json.loads(base64.b64decode(value))
 
 
+def tampered(good: str, signature: str | None = None) -> str:
+    """``good`` (a PAYMENT-SIGNATURE header) with its Permit2 signature changed: the last two
+    bytes flipped, or replaced by ``signature``."""
+    payload = decode_payment_signature_header(good)
+    assert isinstance(payload, PaymentPayload)
+    raw = payload.model_dump(by_alias=True)
+    sig = raw["payload"]["signature"]
+    raw["payload"]["signature"] = signature or (
+        sig[:-4] + ("0000" if sig[-4:] != "0000" else "1111")
+    )
+    return base64.b64encode(json.dumps(raw).encode()).decode()
+
+
 # --- tests ------------------------------------------------------------------------------------
 
 
@@ -686,12 +699,7 @@ async def test_402_amplification_is_bounded(world: World) -> None:
     async with httpx.AsyncClient(base_url=world.base, timeout=20) as plain:
         r = await plain.post("/v1/chat/completions", json=chat(max_tokens=5))
         good = await world.sign(r.headers["PAYMENT-REQUIRED"])
-        payload = decode_payment_signature_header(good)
-        assert isinstance(payload, PaymentPayload)
-        raw = payload.model_dump(by_alias=True)
-        sig = raw["payload"]["signature"]
-        raw["payload"]["signature"] = sig[:-4] + ("0000" if sig[-4:] != "0000" else "1111")
-        bad_sig = base64.b64encode(json.dumps(raw).encode()).decode()
+        bad_sig = tampered(good)
         for _ in range(5):
             r = await plain.post(
                 "/v1/chat/completions",
@@ -737,11 +745,7 @@ async def test_a_forged_copy_of_an_open_permit_does_not_join_its_session(world: 
         )
         assert r.status_code == 200
         victim = r.headers["X-Upto-Session"]
-        payload = decode_payment_signature_header(good)
-        assert isinstance(payload, PaymentPayload)
-        raw = payload.model_dump(by_alias=True)
-        raw["payload"]["signature"] = "0x" + "11" * 65
-        forged = base64.b64encode(json.dumps(raw).encode()).decode()
+        forged = tampered(good, "0x" + "11" * 65)
         r = await plain.post(
             "/v1/chat/completions", json=chat(max_tokens=5), headers={"PAYMENT-SIGNATURE": forged}
         )
