@@ -90,10 +90,12 @@ def _shield_final_send(send: ASGISendCallable) -> ASGISendCallable:
     return wrapped
 
 
-# ``request.scope[ADMITTED]``: the request id of a paid request whose reservation is held. The
-# relay's metering hook consumes it; if the request ends before the relay ever ran (the client
+# ``request.scope[ADMITTED]``: a list the connection puts in every request's scope; a paid route
+# appends the request id whose reservation it holds. The relay's metering hook consumes the
+# reservation; if the request ends before the relay ever ran (the route failed, or the client
 # left while Quart was still finishing the response object), ``handle_request`` frees it at once
-# instead of leaving it to the orphan reaper (20 minutes later).
+# instead of leaving it to the orphan reaper (20 minutes later). An OHTTP inner request's scope is
+# copied from the outer one, so it shares the list.
 ADMITTED = "trio_gateway.admitted"
 
 
@@ -101,14 +103,16 @@ class RelayHTTPConnection(TrioASGIHTTPConnection):
     async def handle_request(  # type: ignore[override]
         self, nursery: trio.Nursery, request: Any, send: ASGISendCallable
     ) -> None:
+        admitted: list[str] = []
+        request.scope[ADMITTED] = admitted
         try:
             await super().handle_request(nursery, request, send)
         finally:
-            rid = request.scope.get(ADMITTED)
-            if rid is not None:
-                gate = self.app.extensions["trio_gateway"].payments
-                if gate is not None:  # a no-op when the relay ran: its hook already finished it
-                    with trio.CancelScope(shield=True), trio.move_on_after(5.0):
+            gate = self.app.extensions["trio_gateway"].payments
+            if admitted and gate is not None:
+                # a no-op for each one the relay ran: its hook already finished it
+                with trio.CancelScope(shield=True), trio.move_on_after(5.0):
+                    for rid in admitted:
                         await gate.abandon(rid)
 
     async def _send_response(self, send: ASGISendCallable, response: Any) -> None:

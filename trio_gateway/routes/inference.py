@@ -109,14 +109,9 @@ async def _start(kind: Kind, schema: type[BaseModel]) -> RelayResponse:
         request_size=len(request_bytes),
         max_output=raw.get("max_completion_tokens") or raw.get("max_tokens"),
     )
-    # freed at the end of the request if the relay never ran (see relay.asgi.ADMITTED)
-    cast(dict[str, Any], request.scope)[ADMITTED] = rid
-    try:
-        resp = _relay_response(st, kind, raw, model, api_key, rid, renderer, request_bytes)
-    except BaseException:
-        with trio.CancelScope(shield=True):
-            await gate.abandon(rid)  # never reached the relay: free the reservation
-        raise
+    # the connection frees it when the request ends without the relay having run
+    cast(dict[str, Any], request.scope)[ADMITTED].append(rid)
+    resp = _relay_response(st, kind, raw, model, api_key, rid, renderer, request_bytes)
     resp.headers[SESSION_HEADER] = admission.session_id
     return resp
 
