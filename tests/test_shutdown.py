@@ -231,6 +231,11 @@ class GatewayProcess:
     def wait(self, limit: float) -> int:
         return self.proc.wait(timeout=limit)
 
+    async def exit(self, limit: float = 15) -> tuple[int, str]:
+        """Wait for the process to end: (exit code, its whole log)."""
+        code = await trio.to_thread.run_sync(self.wait, limit)
+        return code, self.output()
+
     def output(self) -> str:
         if self.proc.poll() is None:
             self.proc.kill()
@@ -305,8 +310,7 @@ async def test_sigterm_lets_a_stream_finish_signed_then_exits_0() -> None:
         )
         assert final["tee_signature"] and final["choices"][0]["finish_reason"] == "length"
         assert text, "nothing streamed"
-        code = await trio.to_thread.run_sync(gp.wait, 15)
-        log = gp.output()
+        code, log = await gp.exit()
         assert code == 0, log
         assert "draining (1 in flight, grace 20s)" in log and "shut down" in log, log
         assert "outcome=complete" in log, log
@@ -322,8 +326,7 @@ async def test_sigterm_with_a_short_grace_cuts_the_stream_with_an_error_event() 
         data = await sigterm_during_a_stream(gp)
         assert "[DONE]" not in data
         assert json.loads(data[-1])["error"]["code"] == "shutting_down"
-        code = await trio.to_thread.run_sync(gp.wait, 15)
-        log = gp.output()
+        code, log = await gp.exit()
         assert code == 0, log
         assert time.monotonic() - t0 < 10, "shutdown took longer than grace + margins"
         assert "outcome=shutdown" in log, log
@@ -338,10 +341,10 @@ async def test_second_sigterm_ends_the_grace_period_now() -> None:
         t0 = time.monotonic()
         data = await sigterm_during_a_stream(gp, twice=True)
         assert json.loads(data[-1])["error"]["code"] == "shutting_down"
-        code = await trio.to_thread.run_sync(gp.wait, 15)
-        assert code == 0
+        code, log = await gp.exit()
+        assert code == 0, log
         assert time.monotonic() - t0 < 10, "the second signal did not cut the 60 s grace"
-        assert "ending in-flight requests now" in gp.output()
+        assert "ending in-flight requests now" in log
     finally:
         gp.close()
 
